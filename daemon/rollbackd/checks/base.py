@@ -1,0 +1,215 @@
+"""What every check type shares: the common keys, thresholds, and the PromQL helpers.
+
+A check type is one module in this package holding one model (a subclass of
+:class:`CheckSpec`) that knows how to turn itself into PromQL
+(:meth:`CheckSpec.queries`). Judging the answers is the evaluator's job.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from datetime import timedelta
+from enum import StrEnum
+from typing import Annotated, Self
+
+from pydantic import AfterValidator, Field, model_validator
+
+from rollbackd.durations import Duration, Fraction, format_duration
+from rollbackd.strict import Strict
+
+DEFAULT_BREACHES = 3
+"""Consecutive breaching evaluations needed when a check sets neither ``for`` nor ``breaches``:
+one bad scrape must never roll a release back."""
+
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
+_METRIC = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")
+_LABEL = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
+_STRING = r'"(?:[^"\\\n]|\\.)*"'
+_MATCHER = rf"\s*[a-zA-Z_][a-zA-Z0-9_]*\s*(?:=~|!~|!=|=)\s*{_STRING}\s*"
+_MATCHERS = re.compile(rf"(?:{_MATCHER}(?:,{_MATCHER})*,?\s*)?")
+
+
+def _name(value: str) -> str:
+    if not _NAME.fullmatch(value):
+        raise ValueError(
+            f"must be 1-63 letters, digits, '_', '.' or '-', starting with a letter or digit, "
+            f"got: {value!r}"
+        )
+    return value
+
+
+def _metric(value: str) -> str:
+    if not _METRIC.fullmatch(value):
+        raise ValueError(f"not a Prometheus metric name: {value!r}")
+    return value
+
+
+def _label(value: str) -> str:
+    if not _LABEL.fullmatch(value):
+        raise ValueError(f"not a Prometheus label name: {value!r}")
+    return value
+
+
+def _matchers(value: str) -> str:
+    if not _MATCHERS.fullmatch(value):
+        raise ValueError(
+            "expected label matchers separated by commas, such as "
+            f'\'service="checkout", code=~"5.."\' (without braces), got: {value!r}'
+        )
+    return value.strip().rstrip(",").strip()
+
+
+Name = Annotated[str, AfterValidator(_name)]
+MetricName = Annotated[str, AfterValidator(_metric)]
+LabelName = Annotated[str, AfterValidator(_label)]
+Matchers = Annotated[str, AfterValidator(_matchers)]
+"""Label matchers as written inside ``{...}``: ``'service="checkout", code=~"5.."'``."""
+
+
+class OnMissing(StrEnum):
+    """What an evaluation without an answer (no data, or a failed query) counts as."""
+
+    IGNORE = "ignore"
+    BREACH = "breach"
+
+
+class Action(StrEnum):
+    ROLLBACK = "rollback"
+    NOTIFY = "notify"
+
+
+class Direction(StrEnum):
+    """Which way a relative change (``max_increase``) is bad."""
+
+    INCREASE = "increase"
+    DECREASE = "decrease"
+
+
+class Comparison(StrEnum):
+    ABOVE = "above"
+    BELOW = "below"
+
+
+@dataclass(frozen=True)
+class Threshold:
+    comparison: Comparison
+    value: float
+
+    def breached_by(self, value: float) -> bool:
+        if math.isnan(value):
+            return False
+        if self.comparison is Comparison.ABOVE:
+            return value > self.value
+        return value < self.value
+
+    def __str__(self) -> str:
+        return f"{'>' if self.comparison is Comparison.ABOVE else '<'} {self.value:g}"
+
+
+@dataclass(frozen=True)
+class Query:
+    """One PromQL expression a check runs each evaluation, and what its answer means."""
+
+    role: str
+    """``value`` (compared with the threshold), ``traffic`` (requests/s for ``min_rate``),
+    or a burn-rate window such as ``burn 1h``."""
+    expr: str
+
+
+@dataclass(frozen=True)
+class DetectionTime:
+    """The longest a check can take to fire after a release goes bad."""
+
+    interval: timedelta
+    hold: timedelta
+    """``for``, or the extra evaluations that ``breaches`` needs."""
+    hold_text: str
+    window: timedelta | None
+    """The rate window that must fill with bad samples before the condition is true."""
+
+    @property
+    def total(self) -> timedelta:
+        return self.interval + self.hold + (self.window or timedelta(0))
+
+    def __str__(self) -> str:
+        parts = [self.hold_text]
+        if self.window is not None:
+            parts.append(f"rate window {format_duration(self.window)}")
+        return f"{format_duration(self.total)} ({' + '.join(parts)})"
+
+
+def series(metric: str, *matchers: str) -> str:
+    """``metric{a, b}``, leaving out empty matcher lists."""
+    inside = ", ".join(m for m in matchers if m)
+    return f"{metric}{{{inside}}}" if inside else metric
+
+
+def sum_by(by: str | None, expr: str) -> str:
+    return f"sum by ({by}) ({expr})" if by else f"sum({expr})"
+
+
+def ratio(metric: str, selector: str, errors: str, window: timedelta, by: str | None) -> str:
+    """Error requests over all requests. Where no request failed the error series may not
+    exist at all; ``or 0 * total`` turns that into 0 instead of an empty answer."""
+    w = format_duration(window)
+    total = sum_by(by, f"rate({series(metric, selector)}[{w}])")
+    failed = sum_by(by, f"rate({series(metric, selector, errors)}[{w}])")
+    return f"({failed} or 0 * {total}) / {total}"
+
+
+class CheckSpec(Strict):
+    """The keys every ``[[check]]`` has, whatever its type."""
+
+    name: Name
+    description: str = ""
+    interval: Duration = timedelta(seconds=15)
+    for_: Duration | None = Field(default=None, alias="for")
+    breaches: int | None = Field(default=None, ge=1, le=1000)
+    on_no_data: OnMissing = OnMissing.IGNORE
+    on_error: OnMissing = OnMissing.IGNORE
+    action: Action = Action.ROLLBACK
+    max_increase: Fraction | None = None
+    """Also breach when this much worse than the baseline (the stable track while a canary
+    runs, else the last known good version)."""
+    direction: Direction = Direction.INCREASE
+
+    @model_validator(mode="after")
+    def _for_or_breaches(self) -> Self:
+        if self.for_ is not None and self.breaches is not None:
+            raise ValueError("set either 'for' or 'breaches', not both")
+        return self
+
+    @property
+    def consecutive_breaches(self) -> int:
+        """Breaching evaluations needed to fire when no ``for`` is set."""
+        return self.breaches if self.breaches is not None else DEFAULT_BREACHES
+
+    def threshold(self) -> Threshold | None:
+        """The absolute threshold, if the type has one (burn-rate checks have tiers)."""
+        raise NotImplementedError
+
+    def queries(self, by: str | None = None) -> list[Query]:
+        """The PromQL this check runs; ``by`` is the service's version label, which splits
+        the answer per version so the current version is judged by its own series."""
+        raise NotImplementedError
+
+    def rate_window(self) -> timedelta | None:
+        return None
+
+    def detection_time(self) -> DetectionTime:
+        if self.for_ is not None:
+            # Pending at the first breaching evaluation, firing at the first one
+            # at least `for` later.
+            steps = math.ceil(self.for_ / self.interval)
+            hold = self.interval * steps
+            hold_text = (
+                f"interval {format_duration(self.interval)} + for {format_duration(self.for_)}"
+            )
+        else:
+            hold = self.interval * (self.consecutive_breaches - 1)
+            hold_text = (
+                f"{self.consecutive_breaches} breaches x interval {format_duration(self.interval)}"
+            )
+        return DetectionTime(self.interval, hold, hold_text, self.rate_window())

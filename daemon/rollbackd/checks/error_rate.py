@@ -1,0 +1,46 @@
+"""``error_rate``: error requests over all requests, ignored below ``min_rate``."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Literal
+
+from pydantic import Field
+
+from rollbackd.checks.base import (
+    CheckSpec,
+    Comparison,
+    Matchers,
+    MetricName,
+    Query,
+    Threshold,
+    ratio,
+    series,
+    sum_by,
+)
+from rollbackd.durations import Duration, format_duration
+
+
+class ErrorRateCheck(CheckSpec):
+    type: Literal["error_rate"]
+    metric: MetricName = "http_requests_total"
+    selector: Matchers = ""
+    errors: Matchers = Field(description='matchers that pick the failed requests: code=~"5.."')
+    above: float = Field(gt=0, lt=1, description="the error ratio, 0.05 for 5%")
+    window: Duration = timedelta(minutes=1)
+    min_rate: float = Field(default=0.0, ge=0, description="requests/s below which no verdict")
+
+    def threshold(self) -> Threshold:
+        return Threshold(Comparison.ABOVE, self.above)
+
+    def queries(self, by: str | None = None) -> list[Query]:
+        traffic = sum_by(
+            by, f"rate({series(self.metric, self.selector)}[{format_duration(self.window)}])"
+        )
+        return [
+            Query("value", ratio(self.metric, self.selector, self.errors, self.window, by)),
+            Query("traffic", traffic),
+        ]
+
+    def rate_window(self) -> timedelta:
+        return self.window

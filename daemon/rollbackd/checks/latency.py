@@ -1,0 +1,68 @@
+"""``latency``: a quantile of a Prometheus histogram, in seconds."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Literal, Self
+
+from pydantic import Field, model_validator
+
+from rollbackd.checks.base import (
+    CheckSpec,
+    Comparison,
+    Matchers,
+    MetricName,
+    Query,
+    Threshold,
+    series,
+    sum_by,
+)
+from rollbackd.durations import Duration, Seconds, format_duration
+
+
+class LatencyCheck(CheckSpec):
+    type: Literal["latency"]
+    metric: MetricName = Field(description="the histogram's base name, without _bucket")
+    selector: Matchers = ""
+    quantile: float = Field(default=0.99, gt=0, lt=1)
+    above: Seconds
+    window: Duration = timedelta(minutes=1)
+    min_rate: float = Field(default=0.0, ge=0)
+    buckets: list[float] | None = Field(
+        default=None,
+        description="the histogram's bucket bounds, when known, so `rollbackd check` can "
+        "reject a threshold the quantile can never exceed",
+    )
+
+    @model_validator(mode="after")
+    def _threshold_within_buckets(self) -> Self:
+        if self.metric.endswith("_bucket"):
+            raise ValueError(
+                f"metric is the histogram's base name: use {self.metric.removesuffix('_bucket')!r}"
+            )
+        if self.buckets:
+            finite = [b for b in self.buckets if b != float("inf")]
+            if finite and self.above >= max(finite):
+                # histogram_quantile never reads above the largest finite bound.
+                raise ValueError(
+                    f"above = {self.above:g}s can never be exceeded: the largest finite bucket "
+                    f"of {self.metric} is {max(finite):g}s, and histogram_quantile never "
+                    "reports more"
+                )
+        return self
+
+    def threshold(self) -> Threshold:
+        return Threshold(Comparison.ABOVE, self.above)
+
+    def queries(self, by: str | None = None) -> list[Query]:
+        w = format_duration(self.window)
+        group = f"le, {by}" if by else "le"
+        buckets = f"sum by ({group}) (rate({series(self.metric + '_bucket', self.selector)}[{w}]))"
+        count = sum_by(by, f"rate({series(self.metric + '_count', self.selector)}[{w}])")
+        return [
+            Query("value", f"histogram_quantile({self.quantile:g}, {buckets})"),
+            Query("traffic", count),
+        ]
+
+    def rate_window(self) -> timedelta:
+        return self.window

@@ -1,0 +1,19 @@
+"""The events rollbackd emits (SPEC §6): audit records, notifications, logs."""
+
+from __future__ import annotations
+
+EVENT_TYPES = (
+    "check.breach",
+    "check.recovered",
+    "rollback.pending",
+    "rollback.started",
+    "rollback.succeeded",
+    "rollback.failed",
+    "canary.aborted",
+    "verify.failed",
+    "service.frozen",
+    "prometheus.unreachable",
+    "prometheus.recovered",
+    "config.reload_failed",
+    "release.bad_version_deployed",
+)
