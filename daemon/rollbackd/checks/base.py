@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from enum import StrEnum
-from typing import Annotated, Self
+from typing import Annotated, ClassVar, Self
 
 from pydantic import AfterValidator, Field, model_validator
 
 from rollbackd.durations import Duration, Fraction, format_duration
+from rollbackd.samples import Labels, QueryResult
 from rollbackd.strict import Strict
 
 DEFAULT_BREACHES = 3
@@ -140,6 +142,21 @@ class DetectionTime:
         return f"{format_duration(self.total)} ({' + '.join(parts)})"
 
 
+@dataclass(frozen=True)
+class Reading:
+    """One series' answer, read out of a check's query results, before judging."""
+
+    value: float
+    """NaN when there is nothing to judge."""
+    traffic: float | None = None
+    """Requests/s behind the value, for ``min_rate``."""
+    breach: bool | None = None
+    """A type's own verdict where a single threshold does not fit (burn-rate tiers);
+    ``None`` means: compare ``value`` with the threshold."""
+    detail: str = ""
+    """Words for what was measured, where the value alone does not say it."""
+
+
 def series(metric: str, *matchers: str) -> str:
     """``metric{a, b}``, leaving out empty matcher lists."""
     inside = ", ".join(m for m in matchers if m)
@@ -175,6 +192,9 @@ class CheckSpec(Strict):
     runs, else the last known good version)."""
     direction: Direction = Direction.INCREASE
 
+    groups_by_version: ClassVar[bool] = False
+    """Whether the type's queries split by the service's version label (``queries(by)``)."""
+
     @model_validator(mode="after")
     def _for_or_breaches(self) -> Self:
         if self.for_ is not None and self.breaches is not None:
@@ -197,6 +217,25 @@ class CheckSpec(Strict):
 
     def rate_window(self) -> timedelta | None:
         return None
+
+    def read(self, results: Mapping[str, QueryResult]) -> dict[Labels, Reading]:
+        """Each series of the ``value`` query, with the ``traffic`` of the same series."""
+        traffic = (
+            {s.labels: s.value for s in results["traffic"].samples}
+            if ("traffic" in results)
+            else {}
+        )
+        return {
+            sample.labels: Reading(sample.value, traffic.get(sample.labels))
+            for sample in results["value"].samples
+        }
+
+    def value_name(self) -> str:
+        """What the value is, in words, for explanations."""
+        return "value"
+
+    def format_value(self, value: float) -> str:
+        return f"{value:.4g}"
 
     def detection_time(self) -> DetectionTime:
         if self.for_ is not None:

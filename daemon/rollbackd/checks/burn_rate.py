@@ -8,8 +8,10 @@ is significant, the short one that it is still happening.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
 from datetime import timedelta
-from typing import Literal, Self
+from typing import ClassVar, Literal, Self
 
 from pydantic import Field, model_validator
 
@@ -18,10 +20,12 @@ from rollbackd.checks.base import (
     Matchers,
     MetricName,
     Query,
+    Reading,
     Threshold,
     ratio,
 )
 from rollbackd.durations import Duration, format_duration
+from rollbackd.samples import Labels, QueryResult
 from rollbackd.strict import Strict
 
 # (long window, short window, share of the period's error budget spent in the long window)
@@ -58,6 +62,7 @@ def _objective(value: object) -> object:
 
 class BurnRateCheck(CheckSpec):
     type: Literal["burn_rate"]
+    groups_by_version: ClassVar[bool] = True
     metric: MetricName = "http_requests_total"
     selector: Matchers = ""
     errors: Matchers
@@ -121,3 +126,37 @@ class BurnRateCheck(CheckSpec):
         # Worst case: the tier with the shortest long window must see its long window
         # burn past the factor.
         return min(tier.long for tier in self.effective_tiers())
+
+    def read(self, results: Mapping[str, QueryResult]) -> dict[Labels, Reading]:
+        """Per series: each tier burns when its long AND short windows are both above its
+        factor. The value is the worst tier's severity: min(long, short) / factor, so a value
+        above 1 means that tier fires."""
+        burns: dict[Labels, dict[timedelta, float]] = {}
+        for window in self.windows():
+            for sample in results[f"burn {format_duration(window)}"].samples:
+                burns.setdefault(sample.labels, {})[window] = sample.value
+        readings: dict[Labels, Reading] = {}
+        for labels, by_window in burns.items():
+            worst: tuple[float, str] | None = None
+            for tier in self.effective_tiers():
+                long, short = (
+                    by_window.get(tier.long, math.nan),
+                    by_window.get(tier.short, math.nan),
+                )
+                if math.isnan(long) or math.isnan(short):
+                    continue
+                severity = min(long, short) / tier.factor
+                text = (
+                    f"burn {long:.3g}x over {format_duration(tier.long)} and {short:.3g}x over "
+                    f"{format_duration(tier.short)} against {tier.factor:g}x"
+                )
+                if worst is None or severity > worst[0]:
+                    worst = (severity, text)
+            if worst is None:
+                readings[labels] = Reading(math.nan, detail="no burn rate in some window")
+            else:
+                readings[labels] = Reading(worst[0], breach=worst[0] > 1, detail=worst[1])
+        return readings
+
+    def value_name(self) -> str:
+        return "burn severity"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import timedelta
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import Field
 
@@ -23,6 +23,7 @@ from rollbackd.durations import Duration, format_duration
 
 class ErrorRateCheck(CheckSpec):
     type: Literal["error_rate"]
+    groups_by_version: ClassVar[bool] = True
     metric: MetricName = "http_requests_total"
     selector: Matchers = ""
     errors: Matchers = Field(description='matchers that pick the failed requests: code=~"5.."')
@@ -44,3 +45,9 @@ class ErrorRateCheck(CheckSpec):
 
     def rate_window(self) -> timedelta:
         return self.window
+
+    def value_name(self) -> str:
+        return "error ratio"
+
+    def format_value(self, value: float) -> str:
+        return f"{value:.2%}"

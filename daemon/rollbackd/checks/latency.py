@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import timedelta
-from typing import Literal, Self
+from typing import ClassVar, Literal, Self
 
 from pydantic import Field, model_validator
 
@@ -22,6 +22,7 @@ from rollbackd.durations import Duration, Seconds, format_duration
 
 class LatencyCheck(CheckSpec):
     type: Literal["latency"]
+    groups_by_version: ClassVar[bool] = True
     metric: MetricName = Field(description="the histogram's base name, without _bucket")
     selector: Matchers = ""
     quantile: float = Field(default=0.99, gt=0, lt=1)
@@ -66,3 +67,9 @@ class LatencyCheck(CheckSpec):
 
     def rate_window(self) -> timedelta:
         return self.window
+
+    def value_name(self) -> str:
+        return f"p{self.quantile * 100:g} latency"
+
+    def format_value(self, value: float) -> str:
+        return f"{value * 1000:.0f}ms" if value < 1 else f"{value:.3g}s"

@@ -34,3 +34,9 @@ class ProbeCheck(CheckSpec):
         # series at all stays an empty answer, which is "no data", not "healthy".
         # Probes do not carry the service's version, so `by` does not apply.
         return [Query("value", f"sum({series(self.metric, self.selector)} == bool 0)")]
+
+    def value_name(self) -> str:
+        return "failing targets" if self.metric == "up" else "failing probes"
+
+    def format_value(self, value: float) -> str:
+        return f"{value:g}"
