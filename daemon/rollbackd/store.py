@@ -1,0 +1,682 @@
+"""The state store: what rollbackd must remember across restarts, on SQLite.
+
+All SQL of the project lives in this module, so that a PostgreSQL backend (several
+daemons sharing one state) can later stand beside it behind the same methods. Callers
+get frozen dataclasses, never rows or dicts.
+
+Errors::
+
+    StoreError              the store cannot do what was asked; wraps sqlite3.Error
+    ├── SchemaTooNewError   the database was written by a newer rollbackd
+    └── ConflictError       a write was based on a state that changed meanwhile
+
+Durability: WAL with ``synchronous=FULL``. With NORMAL a WAL database stays
+consistent, but a power loss or kernel crash may drop the transactions committed just
+before it. Those are the ones that matter most here: a lost "rollback started" record
+weakens the cooldown and max-rollbacks guards after a host reboot, and an audit log
+that forgets the last thing the daemon did to production is not one to trust. The
+daemon writes a handful of small transactions per check interval, so an fsync per
+commit costs little.
+
+Threads: one connection, guarded by one lock, because the daemon calls the store from
+its asyncio loop and from worker threads; SQLite allows one writer at a time anyway.
+Each call blocks while it holds the lock (an fsync at most), so async code should call
+it through ``asyncio.to_thread``. Every write runs in ``BEGIN IMMEDIATE``, which takes
+the write lock up front, so a second process on the same file (the CLI, a second
+daemon by mistake) waits out the busy timeout instead of failing half-way through.
+
+Times are UTC unix seconds (floats), passed in by the caller; nothing here reads a clock.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sqlite3
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self, TypeAlias
+
+JSONValue: TypeAlias = (
+    "Mapping[str, JSONValue] | Sequence[JSONValue] | str | int | float | bool | None"
+)
+"""What event data and release metadata may hold. Non-finite floats are stored as the
+strings ``"NaN"``, ``"+Inf"`` and ``"-Inf"``, as Prometheus writes them, because JSON
+has no such numbers (and SQLite's ``json_valid`` rejects them)."""
+
+BUSY_TIMEOUT = 5.0
+"""Seconds a write waits for another connection's write lock before it fails."""
+
+# Each migration is a list of single statements rather than one script: sqlite3's
+# executescript() commits any open transaction before it runs, so a script could not be
+# applied in the same transaction as the user_version bump. Only ever append here; a
+# migration that has shipped is never edited, since databases already carry it.
+MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    # 1: versions and their release history, per-service state, the audit log.
+    (
+        # source is deliberately not CHECK-constrained: SQLite cannot alter a CHECK
+        # without rebuilding the table, and new sources (a rollback, say) will come.
+        """
+        CREATE TABLE versions (
+            service     TEXT NOT NULL,
+            version     TEXT NOT NULL,
+            first_seen  REAL NOT NULL,
+            last_seen   REAL NOT NULL,
+            source      TEXT NOT NULL,
+            baked_at    REAL,
+            bad         INTEGER NOT NULL DEFAULT 0 CHECK (bad IN (0, 1)),
+            bad_reason  TEXT,
+            meta        TEXT NOT NULL DEFAULT '{}' CHECK (json_valid(meta)),
+            UNIQUE (service, version)
+        )
+        """,
+        """
+        CREATE TABLE version_changes (
+            id            INTEGER PRIMARY KEY AUTOINCREMENT,
+            service       TEXT NOT NULL,
+            from_version  TEXT,
+            to_version    TEXT NOT NULL,
+            at            REAL NOT NULL,
+            source        TEXT NOT NULL,
+            FOREIGN KEY (service, from_version) REFERENCES versions (service, version),
+            FOREIGN KEY (service, to_version) REFERENCES versions (service, version)
+        )
+        """,
+        "CREATE INDEX version_changes_by_service ON version_changes (service, id)",
+        "CREATE INDEX version_changes_by_target ON version_changes (service, to_version, at)",
+        """
+        CREATE TABLE service_state (
+            service          TEXT PRIMARY KEY,
+            current_version  TEXT,
+            current_since    REAL,
+            healthy_since    REAL,
+            paused           INTEGER NOT NULL DEFAULT 0 CHECK (paused IN (0, 1)),
+            frozen           INTEGER NOT NULL DEFAULT 0 CHECK (frozen IN (0, 1)),
+            frozen_reason    TEXT,
+            FOREIGN KEY (service, current_version) REFERENCES versions (service, version)
+        )
+        """,
+        # rollback_id gets no foreign key yet: the rollbacks table comes in a later
+        # migration, and the audit log must keep rows whose rollback is long gone.
+        """
+        CREATE TABLE events (
+            id           INTEGER PRIMARY KEY AUTOINCREMENT,
+            at           REAL NOT NULL,
+            type         TEXT NOT NULL,
+            service      TEXT,
+            rollback_id  INTEGER,
+            data         TEXT NOT NULL DEFAULT '{}' CHECK (json_valid(data))
+        )
+        """,
+        "CREATE INDEX events_by_service ON events (service, at)",
+        "CREATE INDEX events_by_time ON events (at)",
+    ),
+)
+
+SCHEMA_VERSION = len(MIGRATIONS)
+"""The schema version this code writes; ``PRAGMA user_version`` of an up-to-date file."""
+
+
+class StoreError(Exception):
+    """The state store cannot do what was asked."""
+
+
+class SchemaTooNewError(StoreError):
+    """The database was written by a newer rollbackd, whose schema this one does not know."""
+
+
+class ConflictError(StoreError):
+    """A write was based on a state that another writer changed meanwhile."""
+
+
+class VersionSource(StrEnum):
+    """How rollbackd learned that a version went live."""
+
+    DISCOVERED = "discovered"
+    """Read from the service's version_query while the daemon watched."""
+    API = "api"
+    """Recorded through the API (a release from CI)."""
+    START = "start"
+    """First noticed at daemon start-up: it went live while the daemon was down, or
+    before the service was ever watched, so its real start time is unknown."""
+
+
+@dataclass(frozen=True)
+class VersionRecord:
+    """One version of one service; a version deployed several times keeps one record."""
+
+    service: str
+    version: str
+    first_seen: float
+    last_seen: float
+    source: VersionSource
+    """How the version was first learned of; each later change has its own source."""
+    baked_at: float | None
+    bad: bool
+    bad_reason: str | None
+    meta: Mapping[str, str]
+
+
+@dataclass(frozen=True)
+class VersionChange:
+    """One entry of a service's release history."""
+
+    id: int
+    service: str
+    from_version: str | None
+    to_version: str
+    at: float
+    source: VersionSource
+
+
+@dataclass(frozen=True)
+class ServiceState:
+    service: str
+    current_version: str | None
+    current_since: float | None
+    """When the current version went live (or was first noticed, for source "start")."""
+    healthy_since: float | None
+    """The bake clock: since when the current version has been healthy; None while not."""
+    paused: bool
+    frozen: bool
+    frozen_reason: str | None
+
+
+@dataclass(frozen=True)
+class Event:
+    """One audit record. ``id`` is None until the store has assigned one."""
+
+    type: str
+    at: float
+    service: str | None = None
+    rollback_id: int | None = None
+    data: Mapping[str, JSONValue] = field(default_factory=dict)
+    id: int | None = None
+
+
+class Store:
+    """The SQLite state store. ``path`` is the database file itself; its directory must
+    exist (it is the daemon's state_dir, whose ownership is not ours to decide)."""
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._lock = threading.Lock()
+        self._conn: sqlite3.Connection | None = _open(path)
+
+    @property
+    def path(self) -> Path:
+        return self._path
+
+    def close(self) -> None:
+        """Close the connection; later calls raise StoreError. Safe to call twice."""
+        with self._lock:
+            if self._conn is None:
+                return
+            conn, self._conn = self._conn, None
+            try:
+                # Cheap, and keeps the query planner's statistics current for next start.
+                conn.execute("PRAGMA optimize")
+            except sqlite3.Error:
+                pass
+            finally:
+                conn.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def schema_version(self) -> int:
+        with self._read() as conn:
+            return int(conn.execute("PRAGMA user_version").fetchone()[0])
+
+    def writable(self, timeout: float = 1.0) -> bool:
+        """A cheap readiness probe: can a write transaction start now? False when the
+        store is closed, read-only or failing, busy in this process past ``timeout``, or
+        write-locked by another process past the busy timeout."""
+        if not self._lock.acquire(timeout=timeout):
+            return False
+        try:
+            if self._conn is None:
+                return False
+            # BEGIN IMMEDIATE takes the write lock without writing, so it proves the file
+            # is writable and not held by another process, at no fsync.
+            self._conn.execute("BEGIN IMMEDIATE")
+            self._conn.execute("ROLLBACK")
+            return True
+        except sqlite3.Error:
+            return False
+        finally:
+            self._lock.release()
+
+    # Versions and release history
+
+    def record_version_change(
+        self,
+        service: str,
+        from_version: str | None,
+        to_version: str,
+        at: float,
+        source: VersionSource,
+        meta: Mapping[str, str] | None = None,
+    ) -> None:
+        """Make ``to_version`` the service's current version since ``at``: upsert its
+        record (``meta`` replaces the stored one when given), append to the release
+        history, and move the service state. The bake clock, if running, restarts at
+        ``at``, since the new version has not been healthy any longer than that.
+
+        Raises ConflictError when ``from_version`` is no longer the current version."""
+        if not to_version:
+            raise ValueError("to_version must not be empty")
+        source = VersionSource(source)
+        meta_json = None if meta is None else _dump_json(meta)
+        with self._write() as conn:
+            row = conn.execute(
+                "SELECT current_version FROM service_state WHERE service = ?", (service,)
+            ).fetchone()
+            current = None if row is None else row[0]
+            if current != from_version:
+                raise ConflictError(
+                    f"service {service!r}: version change from {from_version!r} to "
+                    f"{to_version!r}, but the current version is now {current!r}"
+                )
+            conn.execute(
+                """INSERT INTO versions (
+                        service, version, first_seen, last_seen, source, baked_at, bad,
+                        bad_reason, meta)
+                    VALUES (?, ?, ?, ?, ?, NULL, 0, NULL, coalesce(?, '{}'))
+                    ON CONFLICT (service, version) DO UPDATE SET
+                        last_seen = max(last_seen, excluded.last_seen),
+                        meta = coalesce(?, meta)""",
+                (service, to_version, at, at, source.value, meta_json, meta_json),
+            )
+            conn.execute(
+                """INSERT INTO version_changes (service, from_version, to_version, at, source)
+                   VALUES (?, ?, ?, ?, ?)""",
+                (service, from_version, to_version, at, source.value),
+            )
+            conn.execute(
+                """INSERT INTO service_state (service, current_version, current_since)
+                   VALUES (?, ?, ?)
+                   ON CONFLICT (service) DO UPDATE SET
+                       current_version = excluded.current_version,
+                       current_since = excluded.current_since,
+                       healthy_since = CASE WHEN healthy_since IS NULL THEN NULL
+                                            ELSE max(healthy_since, excluded.current_since)
+                                       END""",
+                (service, to_version, at),
+            )
+
+    def touch_version(self, service: str, version: str, at: float) -> None:
+        """The version was seen running at ``at``."""
+        with self._write() as conn:
+            conn.execute(
+                """UPDATE versions SET last_seen = max(last_seen, ?)
+                   WHERE service = ? AND version = ?""",
+                (at, service, version),
+            )
+
+    def version(self, service: str, version: str) -> VersionRecord | None:
+        with self._read() as conn:
+            row = conn.execute(
+                """SELECT service, version, first_seen, last_seen, source, baked_at, bad,
+                          bad_reason, meta
+                   FROM versions WHERE service = ? AND version = ?""",
+                (service, version),
+            ).fetchone()
+        return None if row is None else _version_record(row)
+
+    def versions(self, service: str) -> list[VersionRecord]:
+        """Every version the service ever ran, the first seen first."""
+        with self._read() as conn:
+            rows = conn.execute(
+                """SELECT service, version, first_seen, last_seen, source, baked_at, bad,
+                          bad_reason, meta
+                   FROM versions WHERE service = ? ORDER BY first_seen, version""",
+                (service,),
+            ).fetchall()
+        return [_version_record(row) for row in rows]
+
+    def went_live_at(self, service: str) -> dict[str, float]:
+        """Each known version of the service, with when it last went live: its latest
+        change to it, else its first sighting. A redeployed version goes live several
+        times, and "appeared most recently" must mean the latest of those."""
+        with self._read() as conn:
+            rows = conn.execute(
+                """SELECT version, max(first_seen, coalesce(
+                          (SELECT max(c.at) FROM version_changes AS c
+                           WHERE c.service = versions.service AND c.to_version = versions.version),
+                          first_seen))
+                   FROM versions WHERE service = ?""",
+                (service,),
+            ).fetchall()
+        return {str(version): float(at) for version, at in rows}
+
+    def mark_baked(self, service: str, version: str, at: float) -> bool:
+        """Record that the version baked at ``at``. Only the first call counts, and a
+        version marked bad never bakes: True only when this call marked it."""
+        with self._write() as conn:
+            cursor = conn.execute(
+                """UPDATE versions SET baked_at = ?
+                   WHERE service = ? AND version = ? AND baked_at IS NULL AND bad = 0""",
+                (at, service, version),
+            )
+            return cursor.rowcount > 0
+
+    def mark_bad(self, service: str, version: str, reason: str) -> bool:
+        """Mark the version bad, so it never bakes nor serves as last known good.
+        False when the version is unknown."""
+        with self._write() as conn:
+            cursor = conn.execute(
+                """UPDATE versions SET bad = 1, bad_reason = ?
+                   WHERE service = ? AND version = ?""",
+                (reason, service, version),
+            )
+            return cursor.rowcount > 0
+
+    def last_known_good(self, service: str, exclude: str | None = None) -> VersionRecord | None:
+        """The baked, not-bad version, other than ``exclude``, that went live most recently.
+
+        Ordered by going live rather than by baking, so that a baked version deployed
+        again (a rollback to it, a manual downgrade) counts as the most recent good one."""
+        with self._read() as conn:
+            row = conn.execute(
+                """SELECT service, version, first_seen, last_seen, source, baked_at, bad,
+                          bad_reason, meta
+                   FROM versions
+                   WHERE service = ? AND baked_at IS NOT NULL AND bad = 0
+                     AND (? IS NULL OR version <> ?)
+                   ORDER BY max(first_seen, coalesce(
+                              (SELECT max(c.at) FROM version_changes AS c
+                               WHERE c.service = versions.service
+                                 AND c.to_version = versions.version),
+                              first_seen)) DESC,
+                            baked_at DESC, version DESC
+                   LIMIT 1""",
+                (service, exclude, exclude),
+            ).fetchone()
+        return None if row is None else _version_record(row)
+
+    def version_changes(self, service: str, limit: int = 100) -> list[VersionChange]:
+        """The service's release history, the latest change first."""
+        _check_limit(limit)
+        with self._read() as conn:
+            rows = conn.execute(
+                """SELECT id, service, from_version, to_version, at, source
+                   FROM version_changes WHERE service = ? ORDER BY id DESC LIMIT ?""",
+                (service, limit),
+            ).fetchall()
+        return [
+            VersionChange(
+                id=int(row[0]),
+                service=row[1],
+                from_version=row[2],
+                to_version=row[3],
+                at=float(row[4]),
+                source=VersionSource(row[5]),
+            )
+            for row in rows
+        ]
+
+    # Per-service state
+
+    def service_state(self, service: str) -> ServiceState | None:
+        with self._read() as conn:
+            row = conn.execute(
+                """SELECT service, current_version, current_since, healthy_since, paused,
+                          frozen, frozen_reason
+                   FROM service_state WHERE service = ?""",
+                (service,),
+            ).fetchone()
+        return None if row is None else _service_state(row)
+
+    def service_states(self) -> list[ServiceState]:
+        with self._read() as conn:
+            rows = conn.execute(
+                """SELECT service, current_version, current_since, healthy_since, paused,
+                          frozen, frozen_reason
+                   FROM service_state ORDER BY service"""
+            ).fetchall()
+        return [_service_state(row) for row in rows]
+
+    def set_healthy_since(self, service: str, at: float | None) -> None:
+        """Start (``at``) or stop (None) the bake clock; no-op for an unknown service."""
+        with self._write() as conn:
+            conn.execute(
+                "UPDATE service_state SET healthy_since = ? WHERE service = ?", (at, service)
+            )
+
+    def set_paused(self, service: str, paused: bool) -> None:
+        with self._write() as conn:
+            conn.execute(
+                """INSERT INTO service_state (service, paused) VALUES (?, ?)
+                   ON CONFLICT (service) DO UPDATE SET paused = excluded.paused""",
+                (service, int(paused)),
+            )
+
+    def set_frozen(self, service: str, frozen: bool, reason: str | None = None) -> None:
+        """Freeze (with why) or thaw; thawing forgets the reason."""
+        reason = reason if frozen else None
+        with self._write() as conn:
+            conn.execute(
+                """INSERT INTO service_state (service, frozen, frozen_reason) VALUES (?, ?, ?)
+                   ON CONFLICT (service) DO UPDATE SET
+                       frozen = excluded.frozen, frozen_reason = excluded.frozen_reason""",
+                (service, int(frozen), reason),
+            )
+
+    # The audit log
+
+    def add_event(self, event: Event) -> int:
+        """Append the event (its ``id`` is ignored) and return the id it was given."""
+        if not event.type:
+            raise ValueError("an event needs a type")
+        data = _dump_json(event.data)
+        with self._write() as conn:
+            cursor = conn.execute(
+                """INSERT INTO events (at, type, service, rollback_id, data)
+                   VALUES (?, ?, ?, ?, ?)""",
+                (event.at, event.type, event.service, event.rollback_id, data),
+            )
+            if cursor.lastrowid is None:
+                raise StoreError("SQLite gave the new event no id")
+            return cursor.lastrowid
+
+    def events(
+        self,
+        service: str | None = None,
+        since: float | None = None,
+        types: Sequence[str] | None = None,
+        limit: int = 100,
+    ) -> list[Event]:
+        """The latest events first, at most ``limit``; filters combine. ``since`` is
+        inclusive; ``types`` are exact names."""
+        _check_limit(limit)
+        where: list[str] = []
+        params: list[object] = []
+        if service is not None:
+            where.append("service = ?")
+            params.append(service)
+        if since is not None:
+            where.append("at >= ?")
+            params.append(since)
+        if types is not None:
+            # A bare string is a Sequence[str] too; read letter by letter it matches nothing.
+            types = [types] if isinstance(types, str) else list(types)
+            if not types:
+                return []
+            where.append(f"type IN ({', '.join('?' * len(types))})")
+            params.extend(types)
+        clause = f"WHERE {' AND '.join(where)}" if where else ""
+        # Only fixed fragments and "?" placeholders are joined into the text; values
+        # travel as parameters.
+        sql = (
+            "SELECT id, at, type, service, rollback_id, data FROM events "  # noqa: S608
+            f"{clause} ORDER BY id DESC LIMIT ?"
+        )
+        with self._read() as conn:
+            rows = conn.execute(sql, (*params, limit)).fetchall()
+        return [
+            Event(
+                id=int(row[0]),
+                at=float(row[1]),
+                type=row[2],
+                service=row[3],
+                rollback_id=row[4],
+                data=json.loads(row[5]),
+            )
+            for row in rows
+        ]
+
+    # Plumbing
+
+    def _connection(self) -> sqlite3.Connection:
+        if self._conn is None:
+            raise StoreError(f"state database {self._path} is closed")
+        return self._conn
+
+    @contextmanager
+    def _read(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            conn = self._connection()
+            try:
+                yield conn
+            except sqlite3.Error as error:
+                raise StoreError(f"state database {self._path}: {error}") from error
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction; rolled back when the body raises."""
+        with self._lock:
+            conn = self._connection()
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    yield conn
+                    conn.execute("COMMIT")
+                finally:
+                    if conn.in_transaction:
+                        conn.execute("ROLLBACK")
+            except sqlite3.Error as error:
+                raise StoreError(f"state database {self._path}: {error}") from error
+
+
+def _open(path: Path) -> sqlite3.Connection:
+    try:
+        # isolation_level=None: the module must not open transactions behind our back;
+        # every write says BEGIN IMMEDIATE itself. timeout sets SQLite's busy timeout.
+        conn = sqlite3.connect(
+            path,
+            timeout=BUSY_TIMEOUT,
+            isolation_level=None,
+            check_same_thread=False,
+        )
+    except sqlite3.Error as error:
+        raise StoreError(f"cannot open state database {path}: {error}") from error
+    try:
+        mode = str(conn.execute("PRAGMA journal_mode = WAL").fetchone()[0])
+        if mode.lower() != "wal":
+            # WAL needs shared memory beside the file; network filesystems may refuse it.
+            raise StoreError(
+                f"state database {path}: SQLite refused WAL mode (journal mode is {mode}); "
+                "put state_dir on a local filesystem"
+            )
+        conn.execute("PRAGMA synchronous = FULL")
+        conn.execute("PRAGMA foreign_keys = ON")
+        _migrate(conn, path, MIGRATIONS)
+    except sqlite3.Error as error:
+        conn.close()
+        raise StoreError(f"state database {path}: {error}") from error
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def _migrate(conn: sqlite3.Connection, path: Path, migrations: Sequence[Sequence[str]]) -> None:
+    """Bring the schema to ``len(migrations)`` in one transaction: all or nothing."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        # Read inside the write transaction, so two processes starting together cannot
+        # both apply the same migration.
+        found = int(conn.execute("PRAGMA user_version").fetchone()[0])
+        if found > len(migrations):
+            raise SchemaTooNewError(
+                f"state database {path} has schema version {found}, but this rollbackd "
+                f"knows versions up to {len(migrations)} only: a newer rollbackd wrote it. "
+                "Run that newer rollbackd, or point state_dir at another directory; "
+                "the file was left untouched"
+            )
+        for number in range(found + 1, len(migrations) + 1):
+            for statement in migrations[number - 1]:
+                try:
+                    conn.execute(statement)
+                except sqlite3.Error as error:
+                    raise StoreError(
+                        f"state database {path}: migration to schema version {number} "
+                        f"failed, nothing was changed: {error}"
+                    ) from error
+        if found < len(migrations):
+            # PRAGMA takes no parameters; the value is our own integer.
+            conn.execute(f"PRAGMA user_version = {len(migrations):d}")
+        conn.execute("COMMIT")
+    finally:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+
+
+def _check_limit(limit: int) -> None:
+    if limit < 1:
+        raise ValueError(f"limit must be positive, got: {limit}")
+
+
+def _finite(value: Any) -> Any:
+    """``value`` with every non-finite float spelt as Prometheus spells it."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if math.isnan(value) else ("+Inf" if value > 0 else "-Inf")
+    if isinstance(value, Mapping):
+        return {str(key): _finite(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(item) for item in value]
+    return value
+
+
+def _dump_json(value: Mapping[str, JSONValue]) -> str:
+    return json.dumps(_finite(value), sort_keys=True, allow_nan=False, separators=(",", ":"))
+
+
+def _version_record(row: Sequence[Any]) -> VersionRecord:
+    return VersionRecord(
+        service=row[0],
+        version=row[1],
+        first_seen=float(row[2]),
+        last_seen=float(row[3]),
+        source=VersionSource(row[4]),
+        baked_at=None if row[5] is None else float(row[5]),
+        bad=bool(row[6]),
+        bad_reason=row[7],
+        meta={str(key): str(value) for key, value in json.loads(row[8]).items()},
+    )
+
+
+def _service_state(row: Sequence[Any]) -> ServiceState:
+    return ServiceState(
+        service=row[0],
+        current_version=row[1],
+        current_since=None if row[2] is None else float(row[2]),
+        healthy_since=None if row[3] is None else float(row[3]),
+        paused=bool(row[4]),
+        frozen=bool(row[5]),
+        frozen_reason=row[6],
+    )

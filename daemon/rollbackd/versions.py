@@ -1,0 +1,265 @@
+"""The running version of each service, its release history, bake time and last known good.
+
+Versions come from metric labels (a service's ``version_query``) or from the API (a
+release recorded by CI). Either way they are outside input that later lands in executor
+arguments, so only plain version strings are accepted.
+
+Every method takes the time as ``now``; nothing here reads a clock, so tests never wait.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import threading
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+
+from rollbackd.samples import Sample
+from rollbackd.store import Store, VersionSource
+
+VERSION_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}")
+"""A version: starts with a letter or digit, then letters, digits and ``. _ + -``, at most
+128 characters. No slashes, spaces, quotes or braces: it becomes part of argv, URLs,
+paths (``versions/<to_version>``) and placeholders."""
+
+
+def is_valid_version(text: str) -> bool:
+    # fullmatch, not match with "$": "$" also matches before a trailing newline.
+    return VERSION_PATTERN.fullmatch(text) is not None
+
+
+def _shown(text: str) -> str:
+    """Outside input made safe for one log line: quoted, escaped, and cut short."""
+    return repr(text if len(text) <= 64 else text[:64] + "...")
+
+
+@dataclass(frozen=True)
+class Candidates:
+    """The versions an answer of version_query names."""
+
+    values: Mapping[str, float]
+    """Each valid version, with the highest value of its samples."""
+    rejected: tuple[str, ...]
+    """Why each invalid label value was ignored, once per value, for the logs."""
+
+
+def candidates(samples: Sequence[Sample], label: str) -> Candidates:
+    """The valid versions in ``samples``' ``label``. Samples without the label, or with
+    it empty, name no version and are skipped silently; invalid values are reported."""
+    values: dict[str, float] = {}
+    rejected: dict[str, None] = {}
+    for sample in samples:
+        version = sample.label(label)
+        if not version:
+            continue
+        if not is_valid_version(version):
+            rejected[
+                f"ignored {label}={_shown(version)}: not a valid version (letters, digits "
+                "and . _ + -, starting with a letter or digit, at most 128 characters)"
+            ] = None
+            continue
+        # NaN would make every comparison false and the choice depend on input order.
+        value = -math.inf if math.isnan(sample.value) else sample.value
+        values[version] = max(value, values.get(version, -math.inf))
+    return Candidates(values=values, rejected=tuple(rejected))
+
+
+def choose_current(values: Mapping[str, float], went_live: Mapping[str, float]) -> str | None:
+    """The version among ``values`` that appeared most recently: one not in ``went_live``
+    (never seen before) wins over known ones; among known ones the one that went live
+    last. Ties go to the highest sample value, then the greatest version string, so the
+    answer never depends on the order Prometheus sent the series in."""
+    if not values:
+        return None
+
+    def rank(version: str) -> tuple[bool, float, float, str]:
+        known_at = went_live.get(version)
+        return (
+            known_at is None,
+            -math.inf if known_at is None else known_at,
+            values[version],
+            version,
+        )
+
+    return max(values, key=rank)
+
+
+def pick_current(
+    samples: Sequence[Sample], label: str, known_first_seen: Mapping[str, float]
+) -> str | None:
+    """The current version in an answer of version_query that may name several (a
+    rolling deploy, or series not stale yet): see ``choose_current``. Invalid labels are
+    ignored; ``candidates`` tells why."""
+    return choose_current(candidates(samples, label).values, known_first_seen)
+
+
+@dataclass(frozen=True)
+class VersionObservation:
+    """What one reading of a service's version found."""
+
+    current: str | None
+    """The current version after this reading. When the answer named no valid version,
+    the version already known (or None), unchanged."""
+    changed: bool
+    previous: str | None
+    """The version that was replaced; None when nothing changed, or for the first version
+    ever seen."""
+    first_seen: float | None
+    """When the current version was first seen, ever (a redeployed version keeps its
+    first sighting); None without a current version."""
+    detected_at_start: bool
+    """The change happened while the daemon was down (or before the service was ever
+    watched): its real time is unknown, and it was recorded at ``now``."""
+    rejected: tuple[str, ...]
+    """Why label values were ignored, for the logs."""
+    bad: bool = False
+    """The current version was marked bad before (by an earlier rollback): a bad version
+    deployed again."""
+
+
+class VersionTracker:
+    """Keeps each service's current version in the store. Create one per daemon process
+    and keep it for the process's life: it remembers which services it has read since
+    start, which is how a change made while the daemon was down is told apart from a
+    release it saw happen. Thread-safe."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+        # One tracker call is several store calls (read, decide, write); the lock makes
+        # them one step, so the loop and an API thread cannot interleave a change.
+        self._lock = threading.Lock()
+        self._seen_since_start: set[str] = set()
+        self._bake_watched_since_start: set[str] = set()
+
+    def observe(
+        self, service: str, samples: Sequence[Sample], label: str, now: float
+    ) -> VersionObservation:
+        """Read the service's version from an answer of its version_query."""
+        found = candidates(samples, label)
+        with self._lock:
+            state = self._store.service_state(service)
+            stored = None if state is None else state.current_version
+            picked = choose_current(found.values, self._store.went_live_at(service))
+            if picked is None:
+                record = None if stored is None else self._store.version(service, stored)
+                return VersionObservation(
+                    current=stored,
+                    changed=False,
+                    previous=None,
+                    first_seen=None if record is None else record.first_seen,
+                    detected_at_start=False,
+                    rejected=found.rejected,
+                    bad=record is not None and record.bad,
+                )
+            at_start = service not in self._seen_since_start
+            self._seen_since_start.add(service)
+            source = VersionSource.START if at_start else VersionSource.DISCOVERED
+            return self._apply(service, stored, picked, now, source, found.rejected, None)
+
+    def record_release(
+        self,
+        service: str,
+        version: str,
+        now: float,
+        meta: Mapping[str, str] | None = None,
+    ) -> VersionObservation:
+        """A release recorded through the API (by CI). Raises ValueError for a version
+        that is not a plain version string. Meant for services without version_query:
+        with both, a release recorded before its pods report it would flap back."""
+        if not is_valid_version(version):
+            raise ValueError(
+                f"invalid version {_shown(version)}: use letters, digits and . _ + -, "
+                "starting with a letter or digit, at most 128 characters"
+            )
+        with self._lock:
+            state = self._store.service_state(service)
+            stored = None if state is None else state.current_version
+            # A release reported live is not a change that happened while we were down.
+            self._seen_since_start.add(service)
+            return self._apply(service, stored, version, now, VersionSource.API, (), meta)
+
+    def update_bake(
+        self, service: str, now: float, healthy: bool, bake_time: timedelta
+    ) -> str | None:
+        """Advance the bake clock of the service's current version; return the version
+        when it has just baked (once), else None.
+
+        The clock runs while the service is healthy (no check firing), from the later of
+        when the version went live and when the service became healthy; an unhealthy
+        reading stops it. The first reading after a daemon start restarts the clock,
+        because nobody watched the service's health while the daemon was down. A
+        version marked bad never bakes."""
+        with self._lock:
+            state = self._store.service_state(service)
+            if state is None or state.current_version is None or state.current_since is None:
+                return None
+            first_since_start = service not in self._bake_watched_since_start
+            self._bake_watched_since_start.add(service)
+            if not healthy:
+                if state.healthy_since is not None:
+                    self._store.set_healthy_since(service, None)
+                return None
+            healthy_since = None if first_since_start else state.healthy_since
+            start = max(state.current_since, now if healthy_since is None else healthy_since)
+            if start != state.healthy_since:
+                self._store.set_healthy_since(service, start)
+            if now - start < bake_time.total_seconds():
+                return None
+            version = state.current_version
+            record = self._store.version(service, version)
+            if record is None or record.bad or record.baked_at is not None:
+                return None
+            return version if self._store.mark_baked(service, version, now) else None
+
+    def mark_bad(self, service: str, version: str, reason: str) -> bool:
+        """Mark a version bad (it never bakes, nor is it the last known good again).
+        False when the version is unknown."""
+        with self._lock:
+            return self._store.mark_bad(service, version, reason)
+
+    def last_known_good(self, service: str) -> str | None:
+        """The version to roll back to: baked, not bad, and not the current one."""
+        with self._lock:
+            record = self._store.last_known_good(service, exclude=self._current(service))
+        return None if record is None else record.version
+
+    def current(self, service: str) -> str | None:
+        with self._lock:
+            return self._current(service)
+
+    def current_since(self, service: str) -> float | None:
+        with self._lock:
+            state = self._store.service_state(service)
+        return None if state is None else state.current_since
+
+    def _current(self, service: str) -> str | None:
+        state = self._store.service_state(service)
+        return None if state is None else state.current_version
+
+    def _apply(
+        self,
+        service: str,
+        stored: str | None,
+        version: str,
+        now: float,
+        source: VersionSource,
+        rejected: tuple[str, ...],
+        meta: Mapping[str, str] | None,
+    ) -> VersionObservation:
+        changed = version != stored
+        if changed:
+            self._store.record_version_change(service, stored, version, now, source, meta)
+        else:
+            self._store.touch_version(service, version, now)
+        record = self._store.version(service, version)
+        return VersionObservation(
+            current=version,
+            changed=changed,
+            previous=stored if changed else None,
+            first_seen=None if record is None else record.first_seen,
+            detected_at_start=changed and source is VersionSource.START,
+            rejected=rejected,
+            bad=record is not None and record.bad,
+        )
