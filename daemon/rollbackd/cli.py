@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import sys
 from collections.abc import Sequence
@@ -10,7 +11,13 @@ from pathlib import Path
 from typing import Any
 
 from rollbackd import __version__
-from rollbackd.loader import LoadedConfig, Problem, display_path, validate
+from rollbackd.config import LogFormat
+from rollbackd.evaluation import evaluate_once
+from rollbackd.loader import LoadedConfig, Problem, Service, display_path, validate
+from rollbackd.logs import configure as configure_logs
+from rollbackd.prometheus import PrometheusClient, PrometheusError
+from rollbackd.replay import replay
+from rollbackd.timeparse import format_time, parse_time
 
 DEFAULT_CONFIG = "/etc/rollbackd/config.toml"
 
@@ -100,6 +107,106 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_or_report(config: str) -> LoadedConfig | None:
+    loaded, problems = validate(Path(config))
+    for problem in problems:
+        print(problem, file=sys.stderr)
+    return loaded
+
+
+def _selected(loaded: LoadedConfig, names: list[str]) -> list[Service]:
+    unknown = [n for n in names if n not in loaded.services]
+    if unknown:
+        raise SystemExit(
+            f"unknown service {unknown[0]!r}; services: {', '.join(sorted(loaded.services))}"
+        )
+    return [s for s in loaded.services.values() if not names or s.name in names]
+
+
+def _table(rows: list[list[str]], indent: str = "  ") -> str:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join(
+        indent + "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+        for row in rows
+    )
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from rollbackd.daemon import run
+
+    return run(Path(args.config))
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    loaded = _load_or_report(args.config)
+    if loaded is None:
+        return 1
+    services = _selected(loaded, args.service)
+    try:
+        at = parse_time(args.at)
+    except ValueError as exc:
+        print(f"rollbackd eval: {exc}", file=sys.stderr)
+        return 1
+    configure_logs(LogFormat.CONSOLE, "error")
+    passes = asyncio.run(evaluate_once(loaded, services, at))
+    if args.json:
+        print(json.dumps([p.as_json() for p in passes], indent=2))
+        return 0
+    for one in passes:
+        canary = ", canary in progress" if one.canary else ""
+        print(f"{one.service}: version {one.version or 'unknown'}{canary} at {format_time(at)}")
+        rows = [["CHECK", "SERIES", "VALUE", "THRESHOLD", "BASELINE", "VERDICT", "WHY"]]
+        for m in one.measurements:
+            rows.append(
+                [
+                    m.check,
+                    m.series or "-",
+                    "-" if m.value is None else f"{m.value:.4g}",
+                    str(m.threshold) if m.threshold else "tiers",
+                    f"{m.baseline.value:.4g}" if m.baseline else "-",
+                    m.verdict.value.upper(),
+                    m.reason,
+                ]
+            )
+        print(_table(rows))
+        print()
+    return 0
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    loaded = _load_or_report(args.config)
+    if loaded is None:
+        return 1
+    services = [s.name for s in _selected(loaded, args.service)]
+    try:
+        start, end = parse_time(getattr(args, "from")), parse_time(args.to)
+    except ValueError as exc:
+        print(f"rollbackd replay: {exc}", file=sys.stderr)
+        return 1
+    if end <= start:
+        print("rollbackd replay: --to must be after --from", file=sys.stderr)
+        return 1
+    client = PrometheusClient(loaded.config.prometheus)
+    try:
+        events = replay(client, loaded, start, end, services)
+    except PrometheusError as exc:
+        print(f"rollbackd replay: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps([e.__dict__ for e in events], indent=2))
+        return 0
+    print(f"replay {format_time(start)} .. {format_time(end)}")
+    if not events:
+        print("  nothing would have happened")
+    for e in events:
+        where = f"{e.service}/{e.check}" if e.check else e.service
+        kind = e.kind.upper() if e.kind.startswith("would") or e.kind == "fired" else e.kind
+        print(f"  {format_time(e.at)}  {where}  {kind}  {e.text}")
+    rollbacks = [e for e in events if e.kind == "would_roll_back"]
+    print(f"{len(rollbacks)} rollback(s) would have run")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="rollbackd",
@@ -121,6 +228,38 @@ def build_parser() -> argparse.ArgumentParser:
         "--show-queries", action="store_true", help="print the PromQL each check runs"
     )
     check.set_defaults(handler=cmd_check)
+
+    run = commands.add_parser("run", help="the daemon, in the foreground")
+    run.add_argument("-c", "--config", default=DEFAULT_CONFIG, help="config file")
+    run.set_defaults(handler=cmd_run)
+
+    evaluate = commands.add_parser(
+        "eval",
+        help="one evaluation pass against Prometheus now; never rolls back",
+        description="Evaluate every check once against Prometheus now and print a table "
+        "per service: value, threshold, baseline, verdict and why. Never rolls back.",
+    )
+    evaluate.add_argument("-c", "--config", default=DEFAULT_CONFIG, help="config file")
+    evaluate.add_argument("service", nargs="*", help="only these services")
+    evaluate.add_argument("--json", action="store_true", help="machine-readable output")
+    evaluate.add_argument(
+        "--at", default="now", metavar="TIME", help="evaluate as of this time (default now)"
+    )
+    evaluate.set_defaults(handler=cmd_eval)
+
+    rerun = commands.add_parser(
+        "replay",
+        help="run the rules over past Prometheus data",
+        description="Run the rules over past Prometheus data and print when each check "
+        "would have fired and which rollbacks would have run. Times: RFC 3339, unix "
+        "seconds, 'now' or 'now-1h'.",
+    )
+    rerun.add_argument("-c", "--config", default=DEFAULT_CONFIG, help="config file")
+    rerun.add_argument("--from", required=True, metavar="TIME", help="start")
+    rerun.add_argument("--to", default="now", metavar="TIME", help="end (default now)")
+    rerun.add_argument("service", nargs="*", help="only these services")
+    rerun.add_argument("--json", action="store_true", help="machine-readable output")
+    rerun.set_defaults(handler=cmd_replay)
     return parser
 
 

@@ -1,0 +1,501 @@
+"""The evaluation engine: one tick of one check, or of everything, callable from a test.
+
+For each check it runs the queries, judges the answers (``checks/judge.py``), steps the
+state machine (``checks/state.py``), and turns transitions into events. For each service
+it reads the running version, whether a canary is in progress, and bakes healthy versions
+into the last known good. It never rolls anything back itself: a firing check is handed to
+``on_fire`` (the rollback pipeline).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from rollbackd.checks.base import Action, CheckSpec, Query
+from rollbackd.checks.judge import Baseline, Measurement, Scope, error_measurement, judge
+from rollbackd.checks.state import (
+    Change,
+    CheckState,
+    Errored,
+    Judged,
+    Phase,
+    Policy,
+    Transition,
+    step_check,
+)
+from rollbackd.loader import LoadedConfig, Service
+from rollbackd.logs import get_logger
+from rollbackd.metrics import Metrics
+from rollbackd.prometheus import PrometheusClient, PrometheusError, QueryError
+from rollbackd.samples import Labels, QueryResult, Verdict
+from rollbackd.store import Event, Store
+from rollbackd.versions import VersionTracker
+
+log = get_logger("rollbackd.engine")
+
+_VERDICT_RANK = {Verdict.OK: 0, Verdict.NO_DATA: 1, Verdict.ERROR: 2, Verdict.BREACH: 3}
+
+
+@dataclass(frozen=True)
+class Firing:
+    """A check that fired, handed to the rollback pipeline."""
+
+    service: str
+    check: str
+    action: Action
+    measurement: Measurement
+    version: str | None
+    breach_started: float
+    at: float
+
+
+@dataclass(frozen=True)
+class CheckEvaluation:
+    service: str
+    check: CheckSpec
+    at: float
+    measurements: list[Measurement]
+    state: CheckState
+    changes: list[Change]
+    duration: float
+
+    @property
+    def verdict(self) -> Verdict:
+        """The worst verdict among the series, for metrics and tables."""
+        return max((m.verdict for m in self.measurements), key=_VERDICT_RANK.__getitem__)
+
+
+@dataclass
+class _ServiceView:
+    """What the engine last learnt about a service: its canary, its baselines."""
+
+    canary: bool = False
+    baselines: dict[tuple[str, str], Baseline] = field(default_factory=dict)
+    """(check, version the baseline belongs to) -> the baseline."""
+    last_values: dict[str, float] = field(default_factory=dict)
+    """check -> its last value for the current version, recorded as the baseline at bake."""
+
+
+def _dt(at: float) -> datetime:
+    return datetime.fromtimestamp(at, tz=UTC)
+
+
+class Engine:
+    def __init__(
+        self,
+        loaded: LoadedConfig,
+        client: PrometheusClient,
+        store: Store,
+        *,
+        metrics: Metrics | None = None,
+        on_fire: Callable[[Firing], Awaitable[None]] | None = None,
+    ) -> None:
+        self.loaded = loaded
+        self.client = client
+        self.store = store
+        self.metrics = metrics or Metrics()
+        self.on_fire = on_fire
+        self.versions = VersionTracker(store)
+        self.states: dict[tuple[str, str], CheckState] = {}
+        self._views: dict[str, _ServiceView] = {}
+        self._blind: set[tuple[str, str]] = set()
+
+    # -- configuration ------------------------------------------------------------
+
+    def replace_config(self, loaded: LoadedConfig) -> None:
+        """Take a reloaded config. States of checks that still exist unchanged are kept;
+        changed or removed checks start over."""
+        old = self.loaded
+        self.loaded = loaded
+        keep: dict[tuple[str, str], CheckState] = {}
+        for key, state in self.states.items():
+            service_name, check_name = key
+            before = old.services.get(service_name)
+            after = loaded.services.get(service_name)
+            if before is None or after is None:
+                continue
+            old_check = _find(before, check_name)
+            new_check = _find(after, check_name)
+            if old_check is not None and old_check == new_check:
+                keep[key] = state
+        self.states = keep
+        self._blind &= set(keep)
+
+    def canary_active(self, service: str) -> bool:
+        view = self._views.get(service)
+        return view.canary if view else False
+
+    def check_state(self, service: str, check: str) -> CheckState:
+        return self.states.get((service, check)) or CheckState(series={})
+
+    # -- one tick -----------------------------------------------------------------
+
+    async def tick(self, now: float | None = None) -> list[CheckEvaluation]:
+        """Every service's version, then every check, once. Tests and ``eval`` call this;
+        the daemon schedules the same two steps per service and per check."""
+        at = time.time() if now is None else now
+        evaluations: list[CheckEvaluation] = []
+        for service in list(self.loaded.services.values()):
+            await self.observe_service(service, at)
+            results = await asyncio.gather(
+                *(self.run_check(service, check, at) for check in service.rules.check)
+            )
+            evaluations.extend(results)
+            await self.bake(service, at)
+        return evaluations
+
+    async def observe_service(self, service: Service, now: float) -> None:
+        """Read the running version and whether a canary is in progress."""
+        rules = service.rules
+        view = self._views.setdefault(service.name, _ServiceView())
+        if rules.service.version_query:
+            try:
+                result = await self.client.aquery(rules.service.version_query, at=now)
+            except PrometheusError as exc:
+                self.metrics.queries.labels(_outcome(exc)).inc()
+                log.warning("version query failed", service=service.name, error=str(exc))
+            else:
+                self.metrics.queries.labels("ok").inc()
+                self._observe_version(service, result, now)
+        if rules.canary is not None:
+            try:
+                result = await self.client.aquery(rules.canary.active_query, at=now)
+            except PrometheusError as exc:
+                self.metrics.queries.labels(_outcome(exc)).inc()
+                log.warning("canary query failed", service=service.name, error=str(exc))
+            else:
+                self.metrics.queries.labels("ok").inc()
+                active = any(not math.isnan(s.value) and s.value != 0 for s in result.samples)
+                if active != view.canary:
+                    log.info("canary", service=service.name, active=active)
+                view.canary = active
+
+    def _observe_version(self, service: Service, result: QueryResult, now: float) -> None:
+        label = service.rules.service.version_query_label
+        seen = self.versions.observe(service.name, list(result.samples), label, now)
+        for reason in seen.rejected:
+            log.warning("version label rejected", service=service.name, reason=reason)
+        if not seen.changed or seen.current is None:
+            return
+        self.metrics.version_changes.labels(service.name).inc()
+        if seen.previous is not None:
+            with contextlib.suppress(KeyError):  # never set: the daemon started on it
+                self.metrics.version_info.remove(service.name, seen.previous)
+        self.metrics.version_info.labels(service.name, seen.current).set(1)
+        view = self._views.setdefault(service.name, _ServiceView())
+        view.last_values.clear()
+        self._forget_other_versions(service, seen.current)
+        log.info(
+            "version changed",
+            service=service.name,
+            from_version=seen.previous,
+            to_version=seen.current,
+            detected_at_start=seen.detected_at_start,
+        )
+        self._emit(
+            "version.changed",
+            service.name,
+            now,
+            {
+                "from_version": seen.previous,
+                "to_version": seen.current,
+                "detected_at_start": seen.detected_at_start,
+            },
+        )
+        record = self.store.version(service.name, seen.current)
+        if record is not None and record.bad:
+            self._emit(
+                "release.bad_version_deployed",
+                service.name,
+                now,
+                {"version": seen.current, "bad_reason": record.bad_reason},
+            )
+
+    def _forget_other_versions(self, service: Service, current: str) -> None:
+        """Version-scoped checks judge only the running version's series. The series of the
+        version just replaced vanish from judging; without this they would stay pending or
+        firing forever (gaps never clear a state) and block baking. Checks that are not
+        version-scoped keep their state: a breach that started before a release must not
+        look like one the release caused."""
+        label = service.rules.version_scope
+        if label is None:
+            return
+        for check in service.rules.check:
+            key = (service.name, check.name)
+            state = self.states.get(key)
+            if state is None or not check.groups_by_version:
+                continue
+            kept = {
+                labels: series
+                for labels, series in state.series.items()
+                if dict(labels).get(label) == current
+            }
+            self.states[key] = CheckState(
+                series=kept, error_count=state.error_count, blind=state.blind
+            )
+
+    async def bake(self, service: Service, now: float) -> str | None:
+        """A version with no check firing for ``bake_time`` becomes the last known good;
+        its checks' values are kept as the baseline for ``max_increase``."""
+        healthy = not any(
+            self.check_state(service.name, c.name).phase is Phase.FIRING
+            for c in service.rules.check
+        )
+        baked = self.versions.update_bake(
+            service.name, now, healthy, service.rules.service.bake_time
+        )
+        if baked is not None:
+            view = self._views.setdefault(service.name, _ServiceView())
+            for check_name, value in view.last_values.items():
+                view.baselines[(check_name, baked)] = Baseline(
+                    value, f"last known good {baked}, recorded when it baked"
+                )
+            log.info("version baked", service=service.name, version=baked)
+            self._emit("version.baked", service.name, now, {"version": baked})
+        return baked
+
+    async def run_check(self, service: Service, check: CheckSpec, now: float) -> CheckEvaluation:
+        """Evaluate one check, step its state, emit what changed."""
+        started = time.monotonic()
+        key = (service.name, check.name)
+        measurements = await self.evaluate(service, check, now)
+        duration = time.monotonic() - started
+        errored = [m for m in measurements if m.verdict is Verdict.ERROR and not m.labels]
+        outcome: Errored | Judged = (
+            Errored(errored[0].reason)
+            if errored
+            else Judged({m.labels: m.verdict for m in measurements})
+        )
+        state, changes = step_check(
+            self.check_state(*key), outcome, _dt(now), Policy.from_check(check)
+        )
+        self.states[key] = state
+        evaluation = CheckEvaluation(
+            service.name, check, now, measurements, state, changes, duration
+        )
+        self._record(service, evaluation)
+        await self._handle_changes(service, check, evaluation)
+        return evaluation
+
+    async def evaluate(self, service: Service, check: CheckSpec, now: float) -> list[Measurement]:
+        """Query and judge, without touching any state: what ``rollbackd eval`` prints."""
+        rules = service.rules
+        queries = check.queries(rules.version_scope)
+        try:
+            answers = await asyncio.gather(*(self._query(query, now, check) for query in queries))
+        except PrometheusError as exc:
+            return [error_measurement(check, queries[0].expr, str(exc))]
+        results = {query.role: answer for query, answer in zip(queries, answers, strict=True)}
+        scope = await self._scope(service, check, now)
+        measurements = judge(check, results, scope)
+        current = self.versions.current(service.name)
+        for m in measurements:
+            if (
+                m.value is not None
+                and not math.isnan(m.value)
+                and (not rules.version_scope or dict(m.labels).get(rules.version_scope) == current)
+            ):
+                self._views.setdefault(service.name, _ServiceView()).last_values[check.name] = (
+                    m.value
+                )
+        return measurements
+
+    async def _query(self, query: Query, now: float, check: CheckSpec) -> QueryResult:
+        try:
+            result = await self.client.aquery(
+                query.expr, at=now, deadline=check.interval.total_seconds()
+            )
+        except PrometheusError as exc:
+            self.metrics.queries.labels(_outcome(exc)).inc()
+            self.metrics.prometheus_up.set(0 if not isinstance(exc, QueryError) else 1)
+            raise
+        self.metrics.queries.labels("ok").inc()
+        self.metrics.prometheus_up.set(1)
+        return result
+
+    async def _scope(self, service: Service, check: CheckSpec, now: float) -> Scope:
+        rules = service.rules
+        view = self._views.setdefault(service.name, _ServiceView())
+        current = self.versions.current(service.name)
+        stable = None
+        if view.canary:
+            changes = self.store.version_changes(service.name, 1)
+            stable = changes[0].from_version if changes else None
+        baseline = None
+        if check.max_increase is not None and not (view.canary and rules.version_scope):
+            baseline = await self._lkg_baseline(service, check, current)
+        return Scope(
+            version_label=rules.version_scope,
+            current_version=current,
+            stable_version=stable,
+            baseline=baseline,
+        )
+
+    async def _lkg_baseline(
+        self, service: Service, check: CheckSpec, current: str | None
+    ) -> Baseline | None:
+        """The last known good version's value: recorded when it baked, or else measured
+        once, just before the current version went live."""
+        lkg = self.versions.last_known_good(service.name)
+        since = self.versions.current_since(service.name)
+        if lkg is None or since is None:
+            return None
+        view = self._views.setdefault(service.name, _ServiceView())
+        known = view.baselines.get((check.name, lkg))
+        if known is not None:
+            return known
+        scope = service.rules.version_scope
+        try:
+            queries = check.queries(scope)
+            answers = [
+                await self.client.aquery(
+                    q.expr, at=since - 1, deadline=check.interval.total_seconds()
+                )
+                for q in queries
+            ]
+        except PrometheusError as exc:
+            log.info(
+                "baseline not measured", service=service.name, check=check.name, error=str(exc)
+            )
+            return None
+        readings = check.read({q.role: a for q, a in zip(queries, answers, strict=True)})
+        if scope and check.groups_by_version:
+            readings = {k: v for k, v in readings.items() if dict(k).get(scope) == lkg}
+        values = [r.value for r in readings.values() if not math.isnan(r.value)]
+        if len(values) != 1:
+            return None
+        baseline = Baseline(
+            values[0], f"last known good {lkg}, measured just before {current} went live"
+        )
+        view.baselines[(check.name, lkg)] = baseline
+        return baseline
+
+    # -- what happened --------------------------------------------------------------
+
+    def _record(self, service: Service, evaluation: CheckEvaluation) -> None:
+        m = self.metrics
+        check = evaluation.check.name
+        m.verdict_counted(service.name, check, evaluation.verdict)
+        m.evaluation_duration.labels(service.name, check).observe(evaluation.duration)
+        m.check_state.labels(service.name, check).state(evaluation.state.phase.value)
+        m.check_blind.labels(service.name, check).set(1 if evaluation.state.blind else 0)
+
+    async def _handle_changes(
+        self, service: Service, check: CheckSpec, evaluation: CheckEvaluation
+    ) -> None:
+        by_labels = {m.labels: m for m in evaluation.measurements}
+        now = evaluation.at
+        for change in evaluation.changes:
+            if change.transition is Transition.BLIND:
+                self._set_blind((service.name, check.name), True, evaluation)
+            elif change.transition is Transition.SIGHTED:
+                self._set_blind((service.name, check.name), False, evaluation)
+            elif change.transition is Transition.FIRED and change.labels is not None:
+                measurement = by_labels.get(change.labels) or evaluation.measurements[0]
+                started = change.state.pending_since if change.state else None
+                firing = Firing(
+                    service=service.name,
+                    check=check.name,
+                    action=check.action,
+                    measurement=measurement,
+                    version=self.versions.current(service.name),
+                    breach_started=started.timestamp() if started else now,
+                    at=now,
+                )
+                log.warning(
+                    "check fired",
+                    service=service.name,
+                    check=check.name,
+                    series=measurement.series,
+                    reason=measurement.reason,
+                    action=check.action.value,
+                )
+                self._emit("check.breach", service.name, now, _measurement_data(firing))
+                if self.on_fire is not None:
+                    await self.on_fire(firing)
+            elif change.transition is Transition.RECOVERED and change.labels is not None:
+                recovered = by_labels.get(change.labels)
+                log.info("check recovered", service=service.name, check=check.name)
+                self._emit(
+                    "check.recovered",
+                    service.name,
+                    now,
+                    {
+                        "check": check.name,
+                        "series": dict(change.labels),
+                        "reason": recovered.reason if recovered else "",
+                    },
+                )
+            elif change.transition in (Transition.PENDING, Transition.CLEARED):
+                log.info(
+                    f"check {change.transition.value}",
+                    service=service.name,
+                    check=check.name,
+                    series=dict(change.labels or ()),
+                )
+
+    def _set_blind(self, key: tuple[str, str], blind: bool, evaluation: CheckEvaluation) -> None:
+        was_any = bool(self._blind)
+        if blind:
+            self._blind.add(key)
+        else:
+            self._blind.discard(key)
+        reason = evaluation.measurements[0].reason if evaluation.measurements else ""
+        log.warning("check blind" if blind else "check sees again", service=key[0], check=key[1])
+        if blind and not was_any:
+            self._emit(
+                "prometheus.unreachable",
+                key[0],
+                evaluation.at,
+                {"check": key[1], "reason": reason},
+            )
+        elif not blind and was_any and not self._blind:
+            self._emit("prometheus.recovered", key[0], evaluation.at, {"check": key[1]})
+
+    @property
+    def blind_checks(self) -> set[tuple[str, str]]:
+        return set(self._blind)
+
+    def _emit(self, kind: str, service: str, at: float, data: Mapping[str, Any]) -> None:
+        self.store.add_event(
+            Event(id=None, at=at, type=kind, service=service, rollback_id=None, data=dict(data))
+        )
+
+
+def _measurement_data(firing: Firing) -> dict[str, Any]:
+    m = firing.measurement
+    return {
+        "check": firing.check,
+        "action": firing.action.value,
+        "version": firing.version,
+        "series": dict(m.labels),
+        "value": m.value,
+        "threshold": str(m.threshold) if m.threshold else None,
+        "baseline": {"value": m.baseline.value, "source": m.baseline.source}
+        if m.baseline
+        else None,
+        "reason": m.reason,
+        "query": m.query,
+        "breach_started": firing.breach_started,
+    }
+
+
+def _find(service: Service, name: str) -> CheckSpec | None:
+    return next((c for c in service.rules.check if c.name == name), None)
+
+
+def _outcome(exc: PrometheusError) -> str:
+    if isinstance(exc, QueryError):
+        return "bad_query"
+    reason = getattr(exc, "reason", "unavailable")
+    return str(reason)
+
+
+__all__ = ["CheckEvaluation", "Engine", "Firing", "Labels"]

@@ -1,0 +1,79 @@
+"""The daemon's own Prometheus metrics, ``rollbackd_*``, on a registry of their own so
+several engines (tests) never collide."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Enum, Gauge, Histogram
+
+from rollbackd.checks.state import Phase
+from rollbackd.samples import Verdict
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.evaluations = Counter(
+            "rollbackd_check_evaluations_total",
+            "Check evaluations, by verdict of the worst series.",
+            ["service", "check", "verdict"],
+            registry=r,
+        )
+        self.evaluation_duration = Histogram(
+            "rollbackd_check_evaluation_duration_seconds",
+            "Time to query Prometheus and judge one check.",
+            ["service", "check"],
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+            registry=r,
+        )
+        self.check_state = Enum(
+            "rollbackd_check_state",
+            "The check's state: ok, pending or firing.",
+            ["service", "check"],
+            states=[p.value for p in Phase],
+            registry=r,
+        )
+        self.check_blind = Gauge(
+            "rollbackd_check_blind",
+            "1 while the check cannot see its metric because its queries keep failing.",
+            ["service", "check"],
+            registry=r,
+        )
+        self.overruns = Counter(
+            "rollbackd_check_overruns_total",
+            "Evaluations skipped because the previous one of the same check still ran.",
+            ["service", "check"],
+            registry=r,
+        )
+        self.missed = Counter(
+            "rollbackd_check_missed_total",
+            "Evaluations that started too late and were dropped (the loop was blocked).",
+            ["service", "check"],
+            registry=r,
+        )
+        self.queries = Counter(
+            "rollbackd_prometheus_queries_total",
+            "Queries sent to Prometheus, by outcome.",
+            ["outcome"],
+            registry=r,
+        )
+        self.prometheus_up = Gauge(
+            "rollbackd_prometheus_up",
+            "1 when the last query to Prometheus succeeded.",
+            registry=r,
+        )
+        self.version_info = Gauge(
+            "rollbackd_service_version_info",
+            "The version each service runs, as rollbackd sees it.",
+            ["service", "version"],
+            registry=r,
+        )
+        self.version_changes = Counter(
+            "rollbackd_version_changes_total",
+            "Version changes seen per service.",
+            ["service"],
+            registry=r,
+        )
+
+    def verdict_counted(self, service: str, check: str, verdict: Verdict) -> None:
+        self.evaluations.labels(service, check, verdict.value).inc()
