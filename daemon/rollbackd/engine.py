@@ -81,6 +81,8 @@ class _ServiceView:
     """(check, version the baseline belongs to) -> the baseline."""
     last_values: dict[str, float] = field(default_factory=dict)
     """check -> its last value for the current version, recorded as the baseline at bake."""
+    running: tuple[str, ...] = ()
+    """Every version version_query answered last time (a canary runs two)."""
 
 
 def _dt(at: float) -> datetime:
@@ -180,6 +182,10 @@ class Engine:
     def _observe_version(self, service: Service, result: QueryResult, now: float) -> None:
         label = service.rules.service.version_query_label
         seen = self.versions.observe(service.name, list(result.samples), label, now)
+        view = self._views.setdefault(service.name, _ServiceView())
+        view.running = tuple(
+            sorted({v for s in result.samples if (v := s.label(label)) is not None})
+        )
         for reason in seen.rejected:
             log.warning("version label rejected", service=service.name, reason=reason)
         if not seen.changed or seen.current is None:
@@ -326,8 +332,13 @@ class Engine:
         current = self.versions.current(service.name)
         stable = None
         if view.canary:
+            # The stable track is the version the canary replaces: the one before it in the
+            # history, or else the one other version still running beside it.
             changes = self.store.version_changes(service.name, 1)
             stable = changes[0].from_version if changes else None
+            others = [v for v in view.running if v != current]
+            if stable is None and len(others) == 1:
+                stable = others[0]
         baseline = None
         if check.max_increase is not None and not (view.canary and rules.version_scope):
             baseline = await self._lkg_baseline(service, check, current)
