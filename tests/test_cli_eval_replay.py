@@ -66,6 +66,10 @@ def test_eval_json_and_no_data_in_words(example_config: Path) -> None:
     passes = {p["service"]: p for p in json.loads(result.stdout)}
     assert set(passes) == {"checkout", "payments", "inventory", "billing", "search"}
     assert passes["payments"]["canary"] is True
+    # No history on a fresh start: the stable track is the other version running.
+    payments = {c["check"]: c for c in passes["payments"]["checks"]}
+    assert payments["error-rate"]["baseline"]["source"] == "stable track, version 1.4.0"
+    assert payments["error-rate"]["verdict"] == "breach"
     search = passes["search"]["checks"][0]
     assert (search["check"], search["verdict"]) == ("availability-slo", "ok")
     billing = {c["check"]: c for c in passes["billing"]["checks"]}
