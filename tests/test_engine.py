@@ -352,5 +352,3 @@ async def test_stopped_prometheus_then_back(
     assert not engine.check_state("checkout", "errors").blind
     kinds = [e.type for e in reversed(engine.store.events())]
     assert kinds == ["prometheus.unreachable", "prometheus.recovered"]
-
-
