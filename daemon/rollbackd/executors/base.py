@@ -1,20 +1,24 @@
-"""What every executor spec shares.
+"""What every executor shares: its spec's common keys, what it is given, what it returns.
 
-An executor is one way of putting the previous version back (a command, an HTTP
-call, kubectl, helm, ...). Each type is one module in this package holding its
-spec (the keys of a ``[[rollback]]`` or ``[canary] abort`` entry).
+An executor is one way of putting the previous version back (a command, an HTTP call,
+kubectl, helm, ...). Each type is one module in this package holding its spec (the keys of a
+``[[rollback]]`` or ``[canary] abort`` entry) and its runner, a subclass of
+:class:`Executor`. The pipeline only ever sees :class:`Executor` and :class:`StepResult`.
 """
 
 from __future__ import annotations
 
+import abc
+from dataclasses import dataclass
 from datetime import timedelta
-from typing import Self
+from typing import Generic, Self, TypeVar
 
 from pydantic import model_validator
 
 from rollbackd.durations import Duration
 from rollbackd.placeholders import check_templates
 from rollbackd.strict import Strict
+from rollbackd.versions import is_valid_version
 
 
 class ExecutorSpec(Strict):
@@ -34,3 +38,73 @@ class ExecutorSpec(Strict):
         if problem:
             raise ValueError(problem)
         return self
+
+
+class UnsafeValueError(ValueError):
+    """A placeholder value failed its check; nothing was run."""
+
+
+@dataclass(frozen=True)
+class RollbackContext:
+    """What an executor is told about the rollback it performs."""
+
+    service: str
+    from_version: str | None
+    to_version: str | None
+    reason: str
+    rollback_id: str
+    canary: bool = False
+
+    def check(self) -> None:
+        """Refuse versions that could steer a path or an argument somewhere unintended."""
+        for name, value in (("from_version", self.from_version), ("to_version", self.to_version)):
+            # Versions come from metric and alert labels: outside input.
+            if value is not None and not is_valid_version(value):
+                raise UnsafeValueError(f"{name} {value[:64]!r} is not a safe version string")
+
+    def placeholders(self) -> dict[str, str]:
+        return {
+            "service": self.service,
+            "from_version": self.from_version or "",
+            "to_version": self.to_version or "",
+            "reason": self.reason,
+            "rollback_id": self.rollback_id,
+            "canary": "true" if self.canary else "false",
+        }
+
+    def environment(self) -> dict[str, str]:
+        """``ROLLBACKD_SERVICE``, ``ROLLBACKD_TO_VERSION``, ...: the placeholders as variables."""
+        return {f"ROLLBACKD_{key.upper()}": value for key, value in self.placeholders().items()}
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """The outcome of one executor run, as it goes into the audit record."""
+
+    ok: bool
+    summary: str
+    """One line: ``exit 0``, ``HTTP 202``, ``timed out after 5m, process group killed``."""
+    stdout_tail: str = ""
+    stderr_tail: str = ""
+    duration: float = 0.0
+    timed_out: bool = False
+    command: tuple[str, ...] = ()
+    """The argv that ran (or ``("POST", url)``), for the audit record; secrets never."""
+
+
+SpecT = TypeVar("SpecT", bound=ExecutorSpec)
+
+
+class Executor(abc.ABC, Generic[SpecT]):
+    """Runs one spec. ``run`` never raises for an ordinary failure: it returns
+    ``StepResult(ok=False, ...)`` with the reason; only a bug raises."""
+
+    def __init__(self, spec: SpecT) -> None:
+        self.spec = spec
+
+    @abc.abstractmethod
+    async def run(self, context: RollbackContext) -> StepResult: ...
+
+    def describe(self) -> str:
+        """A short name for logs and the audit record: ``command /usr/local/bin/deploy``."""
+        return str(getattr(self.spec, "type", type(self.spec).__name__))
