@@ -110,25 +110,25 @@ def test_applies_new_migrations_to_an_existing_database(
 ) -> None:
     with Store(db) as old:
         deploy(old, "checkout", "1.0")
-    later = (*store_module.MIGRATIONS, ("CREATE TABLE rollbacks (id INTEGER PRIMARY KEY)",))
+    later = (*store_module.MIGRATIONS, ("CREATE TABLE future_things (id INTEGER PRIMARY KEY)",))
     monkeypatch.setattr(store_module, "MIGRATIONS", later)
     with Store(db) as new:
         assert new.schema_version() == SCHEMA_VERSION + 1
         assert new.version("checkout", "1.0") is not None
-    assert raw(db, "SELECT count(*) FROM rollbacks") == [(0,)]
+    assert raw(db, "SELECT count(*) FROM future_things") == [(0,)]
 
 
 def test_a_failing_migration_changes_nothing(db: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     Store(db).close()
     broken = (
         *store_module.MIGRATIONS,
-        ("CREATE TABLE rollbacks (id INTEGER PRIMARY KEY)", "INSERT INTO nowhere VALUES (1)"),
+        ("CREATE TABLE future_things (id INTEGER PRIMARY KEY)", "INSERT INTO nowhere VALUES (1)"),
     )
     monkeypatch.setattr(store_module, "MIGRATIONS", broken)
     with pytest.raises(StoreError, match=f"migration to schema version {SCHEMA_VERSION + 1}"):
         Store(db)
     assert raw(db, "PRAGMA user_version") == [(SCHEMA_VERSION,)]
-    assert raw(db, "SELECT name FROM sqlite_master WHERE name = 'rollbacks'") == []
+    assert raw(db, "SELECT name FROM sqlite_master WHERE name = 'future_things'") == []
 
 
 def test_migrating_from_empty_is_all_or_nothing(db: Path, monkeypatch: pytest.MonkeyPatch) -> None:

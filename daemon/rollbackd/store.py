@@ -116,6 +116,75 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "CREATE INDEX events_by_service ON events (service, at)",
         "CREATE INDEX events_by_time ON events (at)",
     ),
+    # 2: rollbacks, the executor steps each ran, and the triggers recorded against them.
+    (
+        # from_version is '' when the version being rolled back is unknown, so the
+        # idempotency key (service, from_version) is never NULL (NULLs never collide).
+        """
+        CREATE TABLE rollbacks (
+            id            INTEGER PRIMARY KEY AUTOINCREMENT,
+            service       TEXT NOT NULL,
+            from_version  TEXT NOT NULL,
+            to_version    TEXT,
+            state         TEXT NOT NULL,
+            source        TEXT NOT NULL,
+            automatic     INTEGER NOT NULL CHECK (automatic IN (0, 1)),
+            reason        TEXT NOT NULL,
+            mode          TEXT NOT NULL,
+            canary        INTEGER NOT NULL DEFAULT 0 CHECK (canary IN (0, 1)),
+            trigger       TEXT NOT NULL DEFAULT '{}' CHECK (json_valid(trigger)),
+            guards        TEXT NOT NULL DEFAULT '[]' CHECK (json_valid(guards)),
+            created_at    REAL NOT NULL,
+            updated_at    REAL NOT NULL,
+            started_at    REAL,
+            finished_at   REAL,
+            expires_at    REAL,
+            decided_by    TEXT,
+            outcome       TEXT NOT NULL DEFAULT ''
+        )
+        """,
+        # At most one live or successful rollback per release: the database itself
+        # refuses a second, whatever a bug upstream might try.
+        """
+        CREATE UNIQUE INDEX rollbacks_one_per_release ON rollbacks (service, from_version)
+        WHERE state IN ('pending', 'running', 'verifying', 'succeeded')
+        """,
+        "CREATE INDEX rollbacks_by_service ON rollbacks (service, created_at)",
+        "CREATE INDEX rollbacks_by_state ON rollbacks (state)",
+        """
+        CREATE TABLE rollback_steps (
+            id           INTEGER PRIMARY KEY AUTOINCREMENT,
+            rollback_id  INTEGER NOT NULL REFERENCES rollbacks (id),
+            kind         TEXT NOT NULL,
+            executor     TEXT NOT NULL,
+            started_at   REAL NOT NULL,
+            finished_at  REAL,
+            ok           INTEGER CHECK (ok IN (0, 1)),
+            summary      TEXT NOT NULL DEFAULT '',
+            stdout_tail  TEXT NOT NULL DEFAULT '',
+            stderr_tail  TEXT NOT NULL DEFAULT '',
+            command      TEXT NOT NULL DEFAULT '[]' CHECK (json_valid(command))
+        )
+        """,
+        "CREATE INDEX rollback_steps_by_rollback ON rollback_steps (rollback_id, id)",
+        """
+        CREATE TABLE rollback_triggers (
+            id           INTEGER PRIMARY KEY AUTOINCREMENT,
+            rollback_id  INTEGER NOT NULL REFERENCES rollbacks (id),
+            at           REAL NOT NULL,
+            source       TEXT NOT NULL,
+            detail       TEXT NOT NULL DEFAULT '{}' CHECK (json_valid(detail))
+        )
+        """,
+        "CREATE INDEX rollback_triggers_by_rollback ON rollback_triggers (rollback_id, id)",
+        """
+        CREATE TABLE pauses (
+            scope  TEXT PRIMARY KEY,
+            at     REAL NOT NULL,
+            who    TEXT NOT NULL DEFAULT ''
+        )
+        """,
+    ),
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -132,6 +201,106 @@ class SchemaTooNewError(StoreError):
 
 class ConflictError(StoreError):
     """A write was based on a state that another writer changed meanwhile."""
+
+
+class RollbackState(StrEnum):
+    PENDING = "pending"
+    """Waiting for a person to approve or reject it."""
+    RUNNING = "running"
+    VERIFYING = "verifying"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    REJECTED = "rejected"
+    EXPIRED = "expired"
+    INTERRUPTED = "interrupted"
+    """The daemon stopped or died while it ran; it is never re-run blindly."""
+    DRY_RUN = "dry_run"
+    """Recorded and announced, never executed."""
+
+    @property
+    def live(self) -> bool:
+        return self in (RollbackState.PENDING, RollbackState.RUNNING, RollbackState.VERIFYING)
+
+    @property
+    def executed(self) -> bool:
+        """Whether an executor ran (or may have run) for it."""
+        return self in (
+            RollbackState.RUNNING,
+            RollbackState.VERIFYING,
+            RollbackState.SUCCEEDED,
+            RollbackState.FAILED,
+            RollbackState.INTERRUPTED,
+        )
+
+
+@dataclass(frozen=True)
+class Rollback:
+    id: int
+    service: str
+    from_version: str | None
+    to_version: str | None
+    state: RollbackState
+    source: str
+    """``check``, ``alert`` or ``manual``."""
+    automatic: bool
+    reason: str
+    mode: str
+    canary: bool
+    trigger: Mapping[str, JSONValue]
+    guards: Sequence[Mapping[str, JSONValue]]
+    created_at: float
+    updated_at: float
+    started_at: float | None
+    finished_at: float | None
+    expires_at: float | None
+    decided_by: str | None
+    outcome: str
+
+
+@dataclass(frozen=True)
+class RollbackDraft:
+    """A rollback about to be recorded."""
+
+    service: str
+    from_version: str | None
+    to_version: str | None
+    state: RollbackState
+    source: str
+    automatic: bool
+    reason: str
+    mode: str
+    trigger: Mapping[str, JSONValue]
+    guards: Sequence[Mapping[str, JSONValue]]
+    at: float
+    expires_at: float | None = None
+    outcome: str = ""
+
+
+@dataclass(frozen=True)
+class Step:
+    """One executor run of a rollback; ``finished_at`` None means it never finished."""
+
+    id: int
+    rollback_id: int
+    kind: str
+    """``canary_abort``, ``rollback`` or ``verify``."""
+    executor: str
+    started_at: float
+    finished_at: float | None
+    ok: bool | None
+    summary: str
+    stdout_tail: str
+    stderr_tail: str
+    command: Sequence[str]
+
+
+@dataclass(frozen=True)
+class Trigger:
+    id: int
+    rollback_id: int
+    at: float
+    source: str
+    detail: Mapping[str, JSONValue]
 
 
 class VersionSource(StrEnum):
@@ -476,6 +645,245 @@ class Store:
                 (service, int(frozen), reason),
             )
 
+    # Rollbacks
+
+    def create_rollback(self, draft: RollbackDraft) -> Rollback:
+        """Record a new rollback. Raises ConflictError when the release already has a live
+        or successful one: the idempotency key is (service, from_version)."""
+        with self._write() as conn:
+            try:
+                cursor = conn.execute(
+                    """INSERT INTO rollbacks (
+                            service, from_version, to_version, state, source, automatic,
+                            reason, mode, trigger, guards, created_at, updated_at,
+                            expires_at, outcome, finished_at)
+                       VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+                    (
+                        draft.service,
+                        draft.from_version or "",
+                        draft.to_version,
+                        RollbackState(draft.state).value,
+                        draft.source,
+                        int(draft.automatic),
+                        draft.reason,
+                        draft.mode,
+                        _dump_json(draft.trigger),
+                        json.dumps(_finite(list(draft.guards)), allow_nan=False),
+                        draft.at,
+                        draft.at,
+                        draft.expires_at,
+                        draft.outcome,
+                        None if RollbackState(draft.state).live else draft.at,
+                    ),
+                )
+            except sqlite3.IntegrityError as error:
+                raise ConflictError(
+                    f"service {draft.service!r}: release {draft.from_version!r} already has "
+                    "a pending, running or successful rollback"
+                ) from error
+            rollback_id = cursor.lastrowid
+            row = conn.execute(f"{_ROLLBACK_SELECT} WHERE id = ?", (rollback_id,)).fetchone()
+        return _rollback(row)
+
+    def rollback(self, rollback_id: int) -> Rollback | None:
+        with self._read() as conn:
+            row = conn.execute(f"{_ROLLBACK_SELECT} WHERE id = ?", (rollback_id,)).fetchone()
+        return None if row is None else _rollback(row)
+
+    def rollbacks(
+        self,
+        service: str | None = None,
+        states: Sequence[RollbackState] | None = None,
+        since: float | None = None,
+        limit: int = 100,
+    ) -> list[Rollback]:
+        """The latest first."""
+        _check_limit(limit)
+        where: list[str] = []
+        params: list[object] = []
+        if service is not None:
+            where.append("service = ?")
+            params.append(service)
+        if states is not None:
+            if not states:
+                return []
+            where.append(f"state IN ({', '.join('?' * len(states))})")
+            params.extend(RollbackState(s).value for s in states)
+        if since is not None:
+            where.append("created_at >= ?")
+            params.append(since)
+        clause = f"WHERE {' AND '.join(where)}" if where else ""
+        with self._read() as conn:
+            rows = conn.execute(
+                f"{_ROLLBACK_SELECT} {clause} ORDER BY id DESC LIMIT ?", (*params, limit)
+            ).fetchall()
+        return [_rollback(row) for row in rows]
+
+    def latest_rollback(self, service: str, from_version: str | None) -> Rollback | None:
+        """The latest rollback of this release, whatever its state."""
+        with self._read() as conn:
+            row = conn.execute(
+                f"{_ROLLBACK_SELECT} WHERE service = ? AND from_version = ? "
+                "ORDER BY id DESC LIMIT 1",
+                (service, from_version or ""),
+            ).fetchone()
+        return None if row is None else _rollback(row)
+
+    def set_rollback_state(
+        self,
+        rollback_id: int,
+        state: RollbackState,
+        at: float,
+        *,
+        expected: Sequence[RollbackState] | None = None,
+        outcome: str | None = None,
+        decided_by: str | None = None,
+        to_version: str | None = None,
+        canary: bool | None = None,
+    ) -> Rollback:
+        """Move a rollback to ``state``. With ``expected``, only from one of those states,
+        else ConflictError: approve and reject (or expiry) racing each other, say."""
+        state = RollbackState(state)
+        with self._write() as conn:
+            row = conn.execute(
+                "SELECT state FROM rollbacks WHERE id = ?", (rollback_id,)
+            ).fetchone()
+            if row is None:
+                raise StoreError(f"no rollback {rollback_id}")
+            current = RollbackState(row[0])
+            if expected is not None and current not in expected:
+                raise ConflictError(
+                    f"rollback {rollback_id} is {current.value}, not "
+                    f"{' or '.join(RollbackState(e).value for e in expected)}"
+                )
+            conn.execute(
+                """UPDATE rollbacks SET
+                       state = ?, updated_at = ?,
+                       started_at = CASE WHEN ? = 'running' AND started_at IS NULL
+                                         THEN ? ELSE started_at END,
+                       finished_at = CASE WHEN ? THEN ? ELSE finished_at END,
+                       outcome = coalesce(?, outcome),
+                       decided_by = coalesce(?, decided_by),
+                       to_version = coalesce(?, to_version),
+                       canary = coalesce(?, canary)
+                   WHERE id = ?""",
+                (
+                    state.value,
+                    at,
+                    state.value,
+                    at,
+                    int(not state.live),
+                    at,
+                    outcome,
+                    decided_by,
+                    to_version,
+                    None if canary is None else int(canary),
+                    rollback_id,
+                ),
+            )
+            updated = conn.execute(f"{_ROLLBACK_SELECT} WHERE id = ?", (rollback_id,)).fetchone()
+        return _rollback(updated)
+
+    def add_trigger(
+        self, rollback_id: int, at: float, source: str, detail: Mapping[str, JSONValue]
+    ) -> int:
+        with self._write() as conn:
+            cursor = conn.execute(
+                """INSERT INTO rollback_triggers (rollback_id, at, source, detail)
+                   VALUES (?, ?, ?, ?)""",
+                (rollback_id, at, source, _dump_json(detail)),
+            )
+            return int(cursor.lastrowid or 0)
+
+    def triggers(self, rollback_id: int) -> list[Trigger]:
+        with self._read() as conn:
+            rows = conn.execute(
+                """SELECT id, rollback_id, at, source, detail FROM rollback_triggers
+                   WHERE rollback_id = ? ORDER BY id""",
+                (rollback_id,),
+            ).fetchall()
+        return [Trigger(int(r[0]), int(r[1]), float(r[2]), r[3], json.loads(r[4])) for r in rows]
+
+    def start_step(self, rollback_id: int, kind: str, executor: str, at: float) -> int:
+        """Record that a step starts, before it runs: after a crash the record shows what
+        was running."""
+        with self._write() as conn:
+            cursor = conn.execute(
+                """INSERT INTO rollback_steps (rollback_id, kind, executor, started_at)
+                   VALUES (?, ?, ?, ?)""",
+                (rollback_id, kind, executor, at),
+            )
+            return int(cursor.lastrowid or 0)
+
+    def finish_step(
+        self,
+        step_id: int,
+        at: float,
+        ok: bool,
+        summary: str,
+        stdout_tail: str = "",
+        stderr_tail: str = "",
+        command: Sequence[str] = (),
+    ) -> None:
+        with self._write() as conn:
+            conn.execute(
+                """UPDATE rollback_steps SET finished_at = ?, ok = ?, summary = ?,
+                       stdout_tail = ?, stderr_tail = ?, command = ?
+                   WHERE id = ?""",
+                (
+                    at,
+                    int(ok),
+                    summary,
+                    stdout_tail,
+                    stderr_tail,
+                    json.dumps(list(command)),
+                    step_id,
+                ),
+            )
+
+    def steps(self, rollback_id: int) -> list[Step]:
+        with self._read() as conn:
+            rows = conn.execute(
+                """SELECT id, rollback_id, kind, executor, started_at, finished_at, ok,
+                          summary, stdout_tail, stderr_tail, command
+                   FROM rollback_steps WHERE rollback_id = ? ORDER BY id""",
+                (rollback_id,),
+            ).fetchall()
+        return [
+            Step(
+                id=int(r[0]),
+                rollback_id=int(r[1]),
+                kind=r[2],
+                executor=r[3],
+                started_at=float(r[4]),
+                finished_at=None if r[5] is None else float(r[5]),
+                ok=None if r[6] is None else bool(r[6]),
+                summary=r[7],
+                stdout_tail=r[8],
+                stderr_tail=r[9],
+                command=json.loads(r[10]),
+            )
+            for r in rows
+        ]
+
+    # Pauses: per service, or "*" for all
+
+    def set_pause(self, scope: str, paused: bool, at: float, who: str = "") -> None:
+        with self._write() as conn:
+            if paused:
+                conn.execute(
+                    """INSERT INTO pauses (scope, at, who) VALUES (?, ?, ?)
+                       ON CONFLICT (scope) DO UPDATE SET at = excluded.at, who = excluded.who""",
+                    (scope, at, who),
+                )
+            else:
+                conn.execute("DELETE FROM pauses WHERE scope = ?", (scope,))
+
+    def paused(self) -> set[str]:
+        """The paused scopes: service names, and ``*`` when everything is paused."""
+        with self._read() as conn:
+            return {row[0] for row in conn.execute("SELECT scope FROM pauses")}
+
     # The audit log
 
     def add_event(self, event: Event) -> int:
@@ -667,6 +1075,35 @@ def _version_record(row: Sequence[Any]) -> VersionRecord:
         bad=bool(row[6]),
         bad_reason=row[7],
         meta={str(key): str(value) for key, value in json.loads(row[8]).items()},
+    )
+
+
+_ROLLBACK_SELECT = """SELECT id, service, from_version, to_version, state, source, automatic,
+       reason, mode, canary, trigger, guards, created_at, updated_at, started_at,
+       finished_at, expires_at, decided_by, outcome FROM rollbacks"""
+
+
+def _rollback(row: Sequence[Any]) -> Rollback:
+    return Rollback(
+        id=int(row[0]),
+        service=row[1],
+        from_version=row[2] or None,
+        to_version=row[3],
+        state=RollbackState(row[4]),
+        source=row[5],
+        automatic=bool(row[6]),
+        reason=row[7],
+        mode=row[8],
+        canary=bool(row[9]),
+        trigger=json.loads(row[10]),
+        guards=json.loads(row[11]),
+        created_at=float(row[12]),
+        updated_at=float(row[13]),
+        started_at=None if row[14] is None else float(row[14]),
+        finished_at=None if row[15] is None else float(row[15]),
+        expires_at=None if row[16] is None else float(row[16]),
+        decided_by=row[17],
+        outcome=row[18],
     )
 
 
