@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from rollbackd.bus import EventBus
 from rollbackd.checks.base import Action, CheckSpec, Query
 from rollbackd.checks.judge import Baseline, Measurement, Scope, error_measurement, judge
 from rollbackd.checks.state import (
@@ -35,7 +36,7 @@ from rollbackd.logs import get_logger
 from rollbackd.metrics import Metrics
 from rollbackd.prometheus import PrometheusClient, PrometheusError, QueryError
 from rollbackd.samples import Labels, QueryResult, Verdict
-from rollbackd.store import Event, Store
+from rollbackd.store import Store
 from rollbackd.versions import VersionTracker
 
 log = get_logger("rollbackd.engine")
@@ -98,8 +99,10 @@ class Engine:
         *,
         metrics: Metrics | None = None,
         on_fire: Callable[[Firing], Awaitable[None]] | None = None,
+        bus: EventBus | None = None,
     ) -> None:
         self.loaded = loaded
+        self.bus = bus or EventBus(store)
         self.client = client
         self.store = store
         self.metrics = metrics or Metrics()
@@ -475,9 +478,7 @@ class Engine:
         return set(self._blind)
 
     def _emit(self, kind: str, service: str, at: float, data: Mapping[str, Any]) -> None:
-        self.store.add_event(
-            Event(id=None, at=at, type=kind, service=service, rollback_id=None, data=dict(data))
-        )
+        self.bus.publish(kind, at, service, data=dict(data))
 
 
 def _measurement_data(firing: Firing) -> dict[str, Any]:

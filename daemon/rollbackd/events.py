@@ -16,4 +16,10 @@ EVENT_TYPES = (
     "prometheus.recovered",
     "config.reload_failed",
     "release.bad_version_deployed",
+    "version.changed",
+    "version.baked",
+    "rollback.refused",
+    "rollback.triggered",
+    "rollback.rejected",
+    "rollback.expired",
 )
