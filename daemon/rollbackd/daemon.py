@@ -17,6 +17,7 @@ from rollbackd.engine import Engine
 from rollbackd.loader import ConfigError, LoadedConfig, load
 from rollbackd.logs import configure, get_logger
 from rollbackd.metrics import Metrics
+from rollbackd.pipeline import Pipeline
 from rollbackd.prometheus import PrometheusClient
 from rollbackd.scheduler import Scheduler
 from rollbackd.store import Store
@@ -42,6 +43,8 @@ class Daemon:
         self.store = open_store(self.loaded)
         self.client = PrometheusClient(self.loaded.config.prometheus)
         self.engine = Engine(self.loaded, self.client, self.store, metrics=self.metrics)
+        self.pipeline = Pipeline(self.engine)
+        self.engine.on_fire = self.pipeline.on_fire
         self.scheduler = Scheduler(self.engine)
         self._stop = asyncio.Event()
 
@@ -70,7 +73,12 @@ class Daemon:
         host, _, port = self.loaded.config.server.listen.rpartition(":")
         # Until the HTTP API lands, the daemon's own metrics are served on [server].listen.
         start_http_server(int(port), addr=host.strip("[]"), registry=self.metrics.registry)
+        # Before anything is scheduled: rollbacks a crash left running are verified or
+        # marked interrupted, never re-run.
+        await self.pipeline.recover()
+        await self.pipeline.expire_pending()
         self.scheduler.start()
+        self.scheduler.add_periodic("pipeline:expire", self.pipeline.expire_pending, 5.0)
         checks = sum(len(s.rules.check) for s in self.loaded.services.values())
         log.info(
             "rollbackd started",

@@ -83,6 +83,9 @@ _MIN_TIMEOUT = 0.001
 _SERVER_SHARE = 0.9
 """Prometheus' own query timeout, as a share of the request's: it gives up (503 timeout, the
 query cancelled) a little before the client would."""
+_LEAST_ATTEMPT = 0.25
+"""No attempt is started with less than this share of a request's timeout left before the
+deadline: it would most likely time out and hide the real failure behind "timeout"."""
 _SNIPPET = 200
 """Characters of an unexpected body quoted in a message."""
 
@@ -210,8 +213,9 @@ class PrometheusClient:
 
     Every call has a ``deadline`` (seconds, default ``prometheus.timeout``): transient
     failures are retried with jittered exponential backoff (0.1 s doubling up to 2 s) as
-    long as the next attempt would start before it, and each request's timeout is cut to
-    what is left of it. :class:`QueryError` is raised at once.
+    long as the next attempt would start with at least a quarter of a request's timeout
+    left, and each request's timeout is cut to what is left. :class:`QueryError` is
+    raised at once.
     """
 
     def __init__(self, section: PrometheusSection) -> None:
@@ -415,7 +419,7 @@ class PrometheusClient:
         retrying = Retrying(
             retry=retry_if_exception_type(PrometheusUnavailable),
             wait=_BACKOFF,
-            stop=stop_before_delay(budget),
+            stop=stop_before_delay(budget - _LEAST_ATTEMPT * min(self._timeout, budget)),
             reraise=True,
             before_sleep=_log_retry,
         )

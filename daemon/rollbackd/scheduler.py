@@ -68,7 +68,7 @@ class Scheduler:
             for spec in service.rules.check:
                 wanted[check_job_id(service.name, spec.name)] = (service, spec)
         for job in self._scheduler.get_jobs():
-            if job.id not in wanted:
+            if job.id not in wanted and job.id.startswith(("check:", "service:")):
                 job.remove()
         for job_id, (service, check) in wanted.items():
             before = old.services.get(service.name)
@@ -147,6 +147,20 @@ class Scheduler:
                 check=check,
                 error=repr(getattr(event, "exception", None)),
             )
+
+    def add_periodic(
+        self, job_id: str, func: Callable[[], Awaitable[object]], seconds: float
+    ) -> None:
+        """A housekeeping job (approval expiry, say) beside the checks."""
+        self._scheduler.add_job(
+            func,
+            IntervalTrigger(seconds=seconds, timezone=UTC),
+            id=job_id,
+            name=job_id,
+            replace_existing=True,
+            max_instances=1,
+            coalesce=True,
+        )
 
     def job_ids(self) -> list[str]:
         return sorted(job.id for job in self._scheduler.get_jobs())
