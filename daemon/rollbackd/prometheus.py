@@ -105,17 +105,9 @@ _NO_RETRY = Retry(
 )
 
 
-def _backoff() -> wait_exponential_jitter:
-    """0.1 s doubling up to 2 s, plus up to 0.2 s of jitter (the default jitter of 1 s would
-    dwarf the first waits). tenacity 9.2 renamed ``initial`` to ``multiplier`` and warns
-    about the old name; 8.x knows only ``initial``."""
-    try:
-        return wait_exponential_jitter(multiplier=0.1, max=2, jitter=0.2)
-    except TypeError:  # pragma: no cover - tenacity < 9.2
-        return wait_exponential_jitter(initial=0.1, max=2, jitter=0.2)
-
-
-_BACKOFF = _backoff()
+# 0.1 s doubling up to 2 s, plus up to 0.2 s of jitter (the default jitter of 1 s would
+# dwarf the first waits).
+_BACKOFF = wait_exponential_jitter(multiplier=0.1, max=2, jitter=0.2)
 
 
 # --- exceptions -------------------------------------------------------------------------

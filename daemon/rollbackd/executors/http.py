@@ -2,12 +2,28 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import ClassVar, Literal
+from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
+import httpx
 from pydantic import Field, field_validator
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
-from rollbackd.executors.base import ExecutorSpec
+from rollbackd.executors.base import (
+    Executor,
+    ExecutorSpec,
+    RollbackContext,
+    StepResult,
+    UnsafeValueError,
+)
+from rollbackd.executors.process import DEFAULT_TAIL_BYTES, format_seconds
+from rollbackd.placeholders import substitute, substitute_json
+from rollbackd.secrets import SecretError, read_secret
 
 SAFE_TO_RETRY = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS"})
 
@@ -51,3 +67,201 @@ class HttpExecutor(ExecutorSpec):
 
     def may_retry(self) -> bool:
         return self.retries > 0 and (self.idempotent or self.method in SAFE_TO_RETRY)
+
+    def runner(self) -> HttpRun:
+        return HttpRun(self)
+
+
+_BACKOFF = 0.5
+"""Seconds before the first retry; each further retry waits twice as long."""
+
+_MAX_BACKOFF = 30.0
+_RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
+_SECRET_QUERY = re.compile(r"(?i)token|key|secret|password|passwd|signature|sig|auth|credential")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_REDACTED = "[redacted]"
+
+
+class _RetryableStatus(Exception):
+    """An answer worth asking again for (5xx, 429), raised only so tenacity retries it."""
+
+    def __init__(self, answer: _Answer) -> None:
+        super().__init__(f"HTTP {answer.status}")
+        self.answer = answer
+
+
+@dataclass(frozen=True)
+class _Answer:
+    status: int
+    body_tail: str
+
+
+def redact_url(url: str) -> str:
+    """``url`` fit for the audit record: no password, no value of a secret-looking query key."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return _REDACTED
+    netloc = parts.netloc
+    if "@" in netloc:
+        userinfo, host = netloc.rsplit("@", 1)
+        if ":" in userinfo:
+            netloc = f"{userinfo.split(':', 1)[0]}:{_REDACTED}@{host}"
+    query = parts.query
+    if query:
+        pairs = parse_qsl(query, keep_blank_values=True)
+        if any(_SECRET_QUERY.search(name) for name, _ in pairs):
+            query = urlencode(
+                [(name, _REDACTED if _SECRET_QUERY.search(name) else v) for name, v in pairs],
+                safe="[]",
+            )
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+def _looks_like_json(body: str, headers: Mapping[str, str]) -> bool:
+    content_type = next(
+        (value for name, value in headers.items() if name.lower() == "content-type"), ""
+    )
+    return "json" in content_type.lower() or body.lstrip().startswith(("{", "["))
+
+
+class HttpRun(Executor[HttpExecutor]):
+    """Makes the spec's request once, or with retries when :meth:`HttpExecutor.may_retry`.
+
+    Only idempotent requests are retried: a POST whose connection broke after it was sent
+    may already have started a deployment, and starting it twice is worse than failing.
+    The whole run, retries and their waits included, ends at the spec's timeout.
+    """
+
+    def __init__(self, spec: HttpExecutor, *, backoff: float = _BACKOFF) -> None:
+        super().__init__(spec)
+        self.backoff = backoff
+
+    def describe(self) -> str:
+        return f"http {self.spec.method} {redact_url(self.spec.url)}"
+
+    async def run(self, context: RollbackContext) -> StepResult:
+        started = time.monotonic()
+        spec = self.spec
+        try:
+            context.check()
+        except UnsafeValueError as exc:
+            return StepResult(ok=False, summary=f"refused: {exc}; nothing was sent")
+        values = context.placeholders()
+        # Each value is quoted whole: a reason holding "/", "?", "&" or "#" cannot change
+        # which path or parameter the URL names.
+        url = substitute(spec.url, {key: quote(value, safe="") for key, value in values.items()})
+        command = (spec.method, redact_url(url))
+
+        def failed(summary: str, *, timed_out: bool = False, body: str = "") -> StepResult:
+            return StepResult(
+                ok=False,
+                summary=summary,
+                stdout_tail=body,
+                duration=time.monotonic() - started,
+                timed_out=timed_out,
+                command=command,
+            )
+
+        # A line break in a header value would end the header (and h11 refuses it anyway);
+        # a reason is free text, so its control characters become spaces.
+        header_values = {key: _CONTROL.sub(" ", value) for key, value in values.items()}
+        headers: list[tuple[bytes, bytes]] = [
+            (name.encode("utf-8"), substitute(value, header_values).encode("utf-8"))
+            for name, value in spec.headers.items()
+        ]
+        content: bytes | None = None
+        if spec.body is not None:
+            if _looks_like_json(spec.body, spec.headers):
+                content = substitute_json(spec.body, values).encode("utf-8")
+                if not _has_header(headers, b"content-type"):
+                    headers.append((b"Content-Type", b"application/json"))
+            else:
+                content = substitute(spec.body, values).encode("utf-8")
+        token: str | None = None
+        if spec.bearer_token_file or spec.bearer_token_env:
+            try:
+                token = read_secret(spec.bearer_token_file, spec.bearer_token_env, "bearer token")
+            except SecretError as exc:
+                return failed(f"{exc}; nothing was sent")
+            headers = [(k, v) for k, v in headers if k.lower() != b"authorization"]
+            headers.append((b"Authorization", f"Bearer {token}".encode()))
+
+        def scrub(text: str) -> str:
+            # A server may echo the request back, Authorization header included.
+            return text.replace(token, _REDACTED) if token else text
+
+        timeout = spec.timeout.total_seconds()
+        attempts = 0
+        budget = f"timed out after {format_seconds(timeout)}"
+
+        async def attempt(client: httpx.AsyncClient) -> _Answer:
+            nonlocal attempts
+            attempts += 1
+            remaining = max(timeout - (time.monotonic() - started), 0.001)
+            async with client.stream(
+                spec.method, url, headers=headers, content=content, timeout=remaining
+            ) as response:
+                tail = bytearray()
+                async for chunk in response.aiter_bytes():
+                    tail += chunk
+                    if len(tail) > DEFAULT_TAIL_BYTES:
+                        del tail[: len(tail) - DEFAULT_TAIL_BYTES]
+                answer = _Answer(
+                    response.status_code, scrub(bytes(tail).decode("utf-8", errors="replace"))
+                )
+            if answer.status in _RETRY_STATUSES:
+                raise _RetryableStatus(answer)
+            return answer
+
+        retrying = AsyncRetrying(
+            stop=stop_after_attempt(1 + spec.retries if spec.may_retry() else 1),
+            wait=wait_exponential(multiplier=self.backoff, max=_MAX_BACKOFF),
+            retry=retry_if_exception_type((httpx.TransportError, _RetryableStatus)),
+            reraise=True,
+        )
+
+        def after(summary: str) -> str:
+            return f"{summary} after {attempts} attempts" if attempts > 1 else summary
+
+        answer: _Answer
+        try:
+            async with (
+                asyncio.timeout(timeout),
+                httpx.AsyncClient(follow_redirects=False) as client,
+            ):
+                answer = await retrying(attempt, client)
+        except _RetryableStatus as exc:
+            answer = exc.answer
+        except (TimeoutError, httpx.TimeoutException):
+            return failed(after(budget), timed_out=True)
+        except httpx.TransportError as exc:
+            return failed(after(f"request failed: {scrub(_describe_error(exc))}"))
+        except (httpx.HTTPError, httpx.InvalidURL, ValueError) as exc:
+            # Bad URL after substitution, unsupported scheme and the like: nothing was sent.
+            return failed(f"cannot send request: {scrub(_describe_error(exc))}")
+
+        ok = (
+            answer.status in spec.expect_status
+            if spec.expect_status
+            else 200 <= answer.status < 300
+        )
+        summary = f"HTTP {answer.status}"
+        if not ok and spec.expect_status:
+            summary += f"; expected {', '.join(str(s) for s in spec.expect_status)}"
+        return StepResult(
+            ok=ok,
+            summary=after(summary),
+            stdout_tail=answer.body_tail,
+            duration=time.monotonic() - started,
+            command=command,
+        )
+
+
+def _has_header(headers: list[tuple[bytes, bytes]], name: bytes) -> bool:
+    return any(key.lower() == name for key, _ in headers)
+
+
+def _describe_error(exc: Exception) -> str:
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
