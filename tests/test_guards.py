@@ -22,6 +22,7 @@ BASE = GuardFacts(
     current_version="2.0.0",
     current_since=NOW - 300,
     breach_started=NOW - 60,
+    version_lag=timedelta(seconds=15),
     rollback_window=timedelta(hours=1),
     cooldown=timedelta(minutes=15),
     last_rollback_at=None,
@@ -100,6 +101,11 @@ def test_each_guard_refuses(changes: dict[str, object], guard: str, reason: str)
     assert (refusal.guard, refusal.reason) == (guard, reason)
     assert [g.guard for g in decision.guards] == GUARDS
     assert decision.freeze is (guard == "max_rollbacks")
+
+
+def test_a_breach_seen_just_before_the_version_poll_noticed_the_release() -> None:
+    # The check job may see the new version's errors before the version job sees it.
+    assert decide(replace(BASE, breach_started=NOW - 310)).outcome is Outcome.EXECUTE
 
 
 def test_executors_that_need_no_target() -> None:

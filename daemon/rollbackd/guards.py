@@ -47,6 +47,9 @@ class GuardFacts:
     current_version: str | None
     current_since: float | None
     breach_started: float | None
+    version_lag: timedelta
+    """How late a version change can be seen: one poll of version_query. A breach seen
+    up to this long before the change was recorded may still be the release's doing."""
     rollback_window: timedelta
     cooldown: timedelta
     last_rollback_at: float | None
@@ -127,7 +130,7 @@ def decide(f: GuardFacts) -> Decision:
 
     if not f.automatic or f.breach_started is None or f.current_since is None:
         record("breach_after_release", True, "no breach start to compare")
-    elif f.breach_started < f.current_since:
+    elif f.breach_started < f.current_since - f.version_lag.total_seconds():
         record(
             "breach_after_release",
             False,

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from datetime import timedelta
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -367,6 +368,9 @@ class Pipeline:
             current_version=current,
             current_since=self.engine.versions.current_since(name),
             breach_started=trigger.breach_started,
+            version_lag=min(
+                (c.interval for c in service.rules.check), default=timedelta(seconds=15)
+            ),
             rollback_window=service.rules.service.rollback_window,
             cooldown=guards.cooldown,
             last_rollback_at=(latest_auto.started_at or latest_auto.created_at)
