@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import asyncio
 import time
-from datetime import timedelta
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
 from rollbackd.bus import EventBus
@@ -192,9 +192,11 @@ class Pipeline:
         return expired
 
     async def recover(self) -> list[Rollback]:
-        """At start-up: rollbacks found running or verifying were interrupted by a crash or a
-        stop. None is re-executed. If the service already reads the target version, it is
-        verified; otherwise it is marked interrupted and people are told."""
+        """At start-up: rollbacks found running or verifying were interrupted by a crash or
+        a stop. None is ever re-executed. Each is verified in the background: if the service
+        comes to read the target version within ``version_timeout`` and its checks hold, the
+        rollback took effect and succeeded; otherwise it is marked interrupted, the service
+        is frozen and people are told, since a person must decide."""
         handled = []
         for rollback in self.store.rollbacks(
             states=[RollbackState.RUNNING, RollbackState.VERIFYING], limit=1000
@@ -206,31 +208,44 @@ class Pipeline:
                         step.id, now, False, "interrupted: the daemon stopped while this ran"
                     )
             service = self.engine.loaded.services.get(rollback.service)
-            current = None
-            if service is not None and service.rules.service.version_query:
-                await self.engine.observe_service(service, now)
-                current = self.engine.versions.current(rollback.service)
-            if service is not None and rollback.to_version and current == rollback.to_version:
-                verifying = self.store.set_rollback_state(
-                    rollback.id,
-                    RollbackState.VERIFYING,
-                    now,
-                    outcome="found after a restart with the target version running: verifying",
-                )
-                log.warning("rollback found in flight at start: verifying", rollback=rollback.id)
-                self._spawn(self._verify_and_finish(verifying, service, canary=False))
-                handled.append(verifying)
+            if (
+                service is None
+                or not rollback.to_version
+                or not service.rules.service.version_query
+            ):
+                handled.append(self._interrupted(rollback, "whether it took effect cannot be told"))
                 continue
-            reason = (
-                f"interrupted: the daemon stopped while it ran; the service reads "
-                f"{current!r}, not {rollback.to_version!r}; not re-run, a person must decide"
+            verifying = self.store.set_rollback_state(
+                rollback.id,
+                RollbackState.VERIFYING,
+                now,
+                outcome="found in flight after a restart: verifying, never re-run",
             )
-            interrupted = self.store.set_rollback_state(
-                rollback.id, RollbackState.INTERRUPTED, now, outcome=reason
-            )
-            self._publish("rollback.failed", interrupted, {"interrupted": True, "reason": reason})
-            handled.append(interrupted)
+            log.warning("rollback found in flight at start: verifying", rollback=rollback.id)
+            self._spawn(self._recover_one(verifying, service))
+            handled.append(verifying)
         return handled
+
+    async def _recover_one(self, rollback: Rollback, service: Service) -> None:
+        result = await self._verify(rollback, service)
+        if result.ok:
+            self._finish(rollback, RollbackState.SUCCEEDED, f"after a restart: {result.reason}")
+        elif not result.reached_version:
+            self._interrupted(rollback, result.reason)
+        else:
+            await self._verify_failed(rollback, result)
+
+    def _interrupted(self, rollback: Rollback, why: str) -> Rollback:
+        now = self.clock()
+        reason = (
+            f"interrupted: the daemon stopped while it ran; {why}; not re-run, a person must decide"
+        )
+        interrupted = self.store.set_rollback_state(
+            rollback.id, RollbackState.INTERRUPTED, now, outcome=reason
+        )
+        self._publish("rollback.failed", interrupted, {"interrupted": True, "reason": reason})
+        self._freeze(rollback.service, f"rollback {rollback.id} was interrupted", now)
+        return interrupted
 
     async def wait_idle(self) -> None:
         """Await every execution in flight (tests, and a clean stop)."""
@@ -427,15 +442,16 @@ class Pipeline:
             self._finish(rollback, RollbackState.FAILED, reason)
             self._freeze(rollback.service, f"rollback {rollback.id} failed: {reason}", self.clock())
             return
-        await self._verify_and_finish(rollback, service, canary=False)
+        await self._verify_and_finish(rollback, service)
 
-    async def _verify_and_finish(
-        self, rollback: Rollback, service: Service, *, canary: bool
-    ) -> None:
+    async def _verify_and_finish(self, rollback: Rollback, service: Service) -> None:
         result = await self._verify(rollback, service)
         if result.ok:
             self._finish(rollback, RollbackState.SUCCEEDED, result.reason)
             return
+        await self._verify_failed(rollback, result)
+
+    async def _verify_failed(self, rollback: Rollback, result: VerifyResult) -> None:
         now = self.clock()
         failed = self.store.set_rollback_state(
             rollback.id, RollbackState.FAILED, now, outcome=f"verification failed: {result.reason}"

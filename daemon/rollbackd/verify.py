@@ -26,6 +26,8 @@ from rollbackd.samples import Verdict
 class VerifyResult:
     ok: bool
     reason: str
+    reached_version: bool = True
+    """False when version_query never read the target: the rollback did not take effect."""
 
 
 Sleep = Callable[[float], Awaitable[None]]
@@ -59,6 +61,7 @@ class Verifier:
                         False,
                         f"version reads {current!r}, not {to_version!r}, after "
                         f"{rules.verify.version_timeout.total_seconds():g}s",
+                        reached_version=False,
                     )
                 await self.sleep(step)
         states = {c.name: CheckState() for c in checks}

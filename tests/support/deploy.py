@@ -6,7 +6,7 @@ version through its /control endpoint, as a real deploy script would switch the 
 
 ``--log`` appends one JSON line per run (argv and the ROLLBACKD_* environment), so a test
 can count how often the executor ran. ``--hang`` blocks after logging (a stuck deploy);
-``--fail`` exits 1 without switching.
+``--hang-after`` switches, then blocks; ``--fail`` exits 1 without switching.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ def main() -> int:
     parser.add_argument("--error-ratio", type=float, default=0.0)
     parser.add_argument("--log")
     parser.add_argument("--hang", action="store_true")
+    parser.add_argument("--hang-after", action="store_true", help="switch, then hang")
     parser.add_argument("--fail", action="store_true")
     args = parser.parse_args()
     if args.log:
@@ -47,7 +48,9 @@ def main() -> int:
         args.control_url, data=body, headers={"Content-Type": "application/json"}
     )
     with urllib.request.urlopen(request, timeout=10) as response:
-        print(f"deployed {args.version}: HTTP {response.status}")
+        print(f"deployed {args.version}: HTTP {response.status}", flush=True)
+    while args.hang_after:
+        time.sleep(3600)
     return 0
 
 
