@@ -4,6 +4,7 @@ is aborted without a full rollback; a rollback that does not verify freezes the 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sys
 import time
@@ -109,10 +110,11 @@ def await_versions(prometheus: PrometheusServer, *versions: str) -> None:
 
 async def fire(world: World) -> None:
     """Tick until the pipeline has something in flight (two breaching evaluations)."""
-    for _ in range(10):
+    for _ in range(40):
         await world.engine.tick(time.time())
         if world.store.rollbacks(limit=1):
             return
+        await asyncio.sleep(0.25)  # poll: the next scrape brings new samples
     raise AssertionError("the check never fired")
 
 
@@ -156,6 +158,24 @@ async def test_bad_release_rolled_back_exactly_once_and_verified(
         await world.engine.tick(time.time())
     await world.pipeline.wait_idle()
     assert len(world.store.rollbacks()) == 1
+    assert len(log.read_text().splitlines()) == 1
+
+    # Someone deploys the bad version again: flagged, and it is a new release — not joined
+    # to the old rollback — which the cooldown now holds back.
+    fake_service.update(version="2.0.0", error_ratio=0.5)
+    world.prometheus.wait_for(
+        'max by (version) (app_build_info{service="checkout"})',
+        lambda result: [s["metric"]["version"] for s in result] == ["2.0.0"],
+    )
+    for _ in range(40):
+        await world.engine.tick(time.time())
+        if world.store.events(types=["rollback.refused"]):
+            break
+        await asyncio.sleep(0.25)
+    [flagged] = world.store.events(types=["release.bad_version_deployed"])
+    assert flagged.data["version"] == "2.0.0"
+    [refused] = world.store.events(types=["rollback.refused"])
+    assert "within cooldown 15m" in str(refused.data["reason"])
     assert len(log.read_text().splitlines()) == 1
 
 

@@ -258,7 +258,8 @@ class Pipeline:
         now = trigger.at
         name = service.name
         current = self.engine.versions.current(name)
-        existing = self.store.latest_rollback(name, current)
+        release = self._release_id(name, current)
+        existing = self.store.latest_rollback(name, current, release)
         if existing is not None and (
             existing.state in _JOINABLE
             and (
@@ -304,6 +305,7 @@ class Pipeline:
                 RollbackDraft(
                     service=name,
                     from_version=current,
+                    release_id=release,
                     to_version=facts.target,
                     state=state,
                     source=trigger.source,
@@ -339,6 +341,14 @@ class Pipeline:
             return Submission("pending_approval", rollback, decision, "waiting for approval")
         self._spawn(self._execute(rollback))
         return Submission("executing", rollback, decision, decision.reason)
+
+    def _release_id(self, service: str, current: str | None) -> int:
+        """The version change that made ``current`` live: the release a rollback undoes.
+        The same version deployed again later is another release."""
+        changes = self.store.version_changes(service, 1)
+        if changes and current is not None and changes[0].to_version == current:
+            return changes[0].id
+        return 0
 
     def _facts(self, service: Service, trigger: Trigger, current: str | None) -> GuardFacts:
         name = service.name

@@ -119,12 +119,15 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     # 2: rollbacks, the executor steps each ran, and the triggers recorded against them.
     (
         # from_version is '' when the version being rolled back is unknown, so the
-        # idempotency key (service, from_version) is never NULL (NULLs never collide).
+        # idempotency key (service, from_version, release_id) is never NULL (NULLs never
+        # collide). release_id is the version_changes row that made from_version current
+        # (0 when unknown): the same version deployed again later is a new release.
         """
         CREATE TABLE rollbacks (
             id            INTEGER PRIMARY KEY AUTOINCREMENT,
             service       TEXT NOT NULL,
             from_version  TEXT NOT NULL,
+            release_id    INTEGER NOT NULL DEFAULT 0,
             to_version    TEXT,
             state         TEXT NOT NULL,
             source        TEXT NOT NULL,
@@ -146,7 +149,8 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         # At most one live or successful rollback per release: the database itself
         # refuses a second, whatever a bug upstream might try.
         """
-        CREATE UNIQUE INDEX rollbacks_one_per_release ON rollbacks (service, from_version)
+        CREATE UNIQUE INDEX rollbacks_one_per_release
+        ON rollbacks (service, from_version, release_id)
         WHERE state IN ('pending', 'running', 'verifying', 'succeeded')
         """,
         "CREATE INDEX rollbacks_by_service ON rollbacks (service, created_at)",
@@ -238,6 +242,8 @@ class Rollback:
     id: int
     service: str
     from_version: str | None
+    release_id: int
+    """The version change that made ``from_version`` current; 0 when unknown."""
     to_version: str | None
     state: RollbackState
     source: str
@@ -263,6 +269,7 @@ class RollbackDraft:
 
     service: str
     from_version: str | None
+    release_id: int
     to_version: str | None
     state: RollbackState
     source: str
@@ -654,13 +661,14 @@ class Store:
             try:
                 cursor = conn.execute(
                     """INSERT INTO rollbacks (
-                            service, from_version, to_version, state, source, automatic,
-                            reason, mode, trigger, guards, created_at, updated_at,
+                            service, from_version, release_id, to_version, state, source,
+                            automatic, reason, mode, trigger, guards, created_at, updated_at,
                             expires_at, outcome, finished_at)
-                       VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+                       VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
                     (
                         draft.service,
                         draft.from_version or "",
+                        draft.release_id,
                         draft.to_version,
                         RollbackState(draft.state).value,
                         draft.source,
@@ -719,13 +727,15 @@ class Store:
             ).fetchall()
         return [_rollback(row) for row in rows]
 
-    def latest_rollback(self, service: str, from_version: str | None) -> Rollback | None:
+    def latest_rollback(
+        self, service: str, from_version: str | None, release_id: int = 0
+    ) -> Rollback | None:
         """The latest rollback of this release, whatever its state."""
         with self._read() as conn:
             row = conn.execute(
-                f"{_ROLLBACK_SELECT} WHERE service = ? AND from_version = ? "
+                f"{_ROLLBACK_SELECT} WHERE service = ? AND from_version = ? AND release_id = ? "
                 "ORDER BY id DESC LIMIT 1",
-                (service, from_version or ""),
+                (service, from_version or "", release_id),
             ).fetchone()
         return None if row is None else _rollback(row)
 
@@ -1078,8 +1088,8 @@ def _version_record(row: Sequence[Any]) -> VersionRecord:
     )
 
 
-_ROLLBACK_SELECT = """SELECT id, service, from_version, to_version, state, source, automatic,
-       reason, mode, canary, trigger, guards, created_at, updated_at, started_at,
+_ROLLBACK_SELECT = """SELECT id, service, from_version, release_id, to_version, state, source,
+       automatic, reason, mode, canary, trigger, guards, created_at, updated_at, started_at,
        finished_at, expires_at, decided_by, outcome FROM rollbacks"""
 
 
@@ -1088,22 +1098,23 @@ def _rollback(row: Sequence[Any]) -> Rollback:
         id=int(row[0]),
         service=row[1],
         from_version=row[2] or None,
-        to_version=row[3],
-        state=RollbackState(row[4]),
-        source=row[5],
-        automatic=bool(row[6]),
-        reason=row[7],
-        mode=row[8],
-        canary=bool(row[9]),
-        trigger=json.loads(row[10]),
-        guards=json.loads(row[11]),
-        created_at=float(row[12]),
-        updated_at=float(row[13]),
-        started_at=None if row[14] is None else float(row[14]),
-        finished_at=None if row[15] is None else float(row[15]),
-        expires_at=None if row[16] is None else float(row[16]),
-        decided_by=row[17],
-        outcome=row[18],
+        release_id=int(row[3]),
+        to_version=row[4],
+        state=RollbackState(row[5]),
+        source=row[6],
+        automatic=bool(row[7]),
+        reason=row[8],
+        mode=row[9],
+        canary=bool(row[10]),
+        trigger=json.loads(row[11]),
+        guards=json.loads(row[12]),
+        created_at=float(row[13]),
+        updated_at=float(row[14]),
+        started_at=None if row[15] is None else float(row[15]),
+        finished_at=None if row[16] is None else float(row[16]),
+        expires_at=None if row[17] is None else float(row[17]),
+        decided_by=row[18],
+        outcome=row[19],
     )
 
 
