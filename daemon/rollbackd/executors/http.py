@@ -12,7 +12,13 @@ from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
 import httpx
 from pydantic import Field, field_validator
-from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential
+from tenacity import (
+    AsyncRetrying,
+    retry_if_exception_type,
+    stop_after_attempt,
+    stop_before_delay,
+    wait_exponential,
+)
 
 from rollbackd.executors.base import (
     Executor,
@@ -76,7 +82,6 @@ _BACKOFF = 0.5
 """Seconds before the first retry; each further retry waits twice as long."""
 
 _MAX_BACKOFF = 30.0
-_RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 _SECRET_QUERY = re.compile(r"(?i)token|key|secret|password|passwd|signature|sig|auth|credential")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _REDACTED = "[redacted]"
@@ -210,12 +215,15 @@ class HttpRun(Executor[HttpExecutor]):
                 answer = _Answer(
                     response.status_code, scrub(bytes(tail).decode("utf-8", errors="replace"))
                 )
-            if answer.status in _RETRY_STATUSES:
+            if _worth_retrying(answer.status) and answer.status not in spec.expect_status:
                 raise _RetryableStatus(answer)
             return answer
 
         retrying = AsyncRetrying(
-            stop=stop_after_attempt(1 + spec.retries if spec.may_retry() else 1),
+            # Stop early rather than start a wait the timeout would cut short: the last real
+            # answer or error says more than "timed out".
+            stop=stop_after_attempt(1 + spec.retries if spec.may_retry() else 1)
+            | stop_before_delay(timeout),
             wait=wait_exponential(multiplier=self.backoff, max=_MAX_BACKOFF),
             retry=retry_if_exception_type((httpx.TransportError, _RetryableStatus)),
             reraise=True,
@@ -234,7 +242,8 @@ class HttpRun(Executor[HttpExecutor]):
         except _RetryableStatus as exc:
             answer = exc.answer
         except (TimeoutError, httpx.TimeoutException):
-            return failed(after(budget), timed_out=True)
+            tries = f" ({attempts} attempts)" if attempts > 1 else ""
+            return failed(budget + tries, timed_out=True)
         except httpx.TransportError as exc:
             return failed(after(f"request failed: {scrub(_describe_error(exc))}"))
         except (httpx.HTTPError, httpx.InvalidURL, ValueError) as exc:
@@ -256,6 +265,11 @@ class HttpRun(Executor[HttpExecutor]):
             duration=time.monotonic() - started,
             command=command,
         )
+
+
+def _worth_retrying(status: int) -> bool:
+    # 5xx and 429 may pass; any other answer will be the same next time.
+    return status >= 500 or status == 429
 
 
 def _has_header(headers: list[tuple[bytes, bytes]], name: bytes) -> bool:
