@@ -6,7 +6,8 @@ from typing import Literal
 
 from pydantic import Field
 
-from rollbackd.executors.base import ExecutorSpec
+from rollbackd.executors.base import Executor, ExecutorSpec, RollbackContext, StepResult
+from rollbackd.executors.kubernetes import ProgramSteps, kube_environment, refuse_unsafe
 
 
 class ArgoRolloutsExecutor(ExecutorSpec):
@@ -15,3 +16,35 @@ class ArgoRolloutsExecutor(ExecutorSpec):
     action: Literal["abort", "undo"] = "abort"
     namespace: str | None = None
     context: str | None = None
+
+    def runner(self) -> ArgoRolloutsRun:
+        return ArgoRolloutsRun(self)
+
+
+class ArgoRolloutsRun(Executor[ArgoRolloutsExecutor]):
+    """``kubectl argo rollouts abort|undo ROLLOUT [-n NS] [--context C]``.
+
+    The plugin (``kubectl-argo-rollouts``) must be on the daemon's ``PATH``; neither action
+    waits: Argo Rollouts itself moves the traffic back.
+    """
+
+    def describe(self) -> str:
+        return f"argo_rollouts {self.spec.action} {self.spec.rollout}"
+
+    def argv(self) -> list[str]:
+        spec = self.spec
+        argv = ["kubectl", "argo", "rollouts", spec.action, spec.rollout]
+        if spec.namespace:
+            argv += ["-n", spec.namespace]
+        if spec.context:
+            argv += ["--context", spec.context]
+        return argv
+
+    async def run(self, context: RollbackContext) -> StepResult:
+        refused = refuse_unsafe(context)
+        if refused:
+            return refused
+        spec = self.spec
+        steps = ProgramSteps(spec.timeout.total_seconds(), kube_environment())
+        await steps.run(self.argv(), label=f"kubectl argo rollouts {spec.action} {spec.rollout}")
+        return steps.result()
