@@ -9,7 +9,8 @@ import pytest
 from pydantic import ValidationError
 
 from rollbackd.executors.base import RollbackContext
-from rollbackd.executors.kubernetes import KubernetesExecutor, KubernetesRun, tool_timeout
+from rollbackd.executors.kubernetes import KubernetesExecutor, KubernetesRun
+from rollbackd.executors.steps import tool_timeout
 from support.recording_tools import RecordingToolFactory, recording_tool
 
 __all__ = ["recording_tool"]  # the fixture, imported for pytest

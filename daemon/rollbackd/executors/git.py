@@ -17,14 +17,14 @@ from urllib.parse import urlsplit
 from pydantic import Field, model_validator
 
 from rollbackd.executors.base import Executor, ExecutorSpec, RollbackContext, StepResult
-from rollbackd.executors.kubernetes import (
+from rollbackd.executors.process import DEFAULT_TAIL_BYTES, ProcessResult, base_environment
+from rollbackd.executors.steps import (
     Explain,
     ProgramSteps,
     gist,
     refuse_unsafe,
     shorten,
 )
-from rollbackd.executors.process import DEFAULT_TAIL_BYTES, ProcessResult, base_environment
 from rollbackd.placeholders import substitute
 
 

@@ -7,7 +7,7 @@ from typing import Literal
 from pydantic import Field
 
 from rollbackd.executors.base import Executor, ExecutorSpec, RollbackContext, StepResult
-from rollbackd.executors.kubernetes import (
+from rollbackd.executors.steps import (
     ProgramSteps,
     kube_environment,
     refuse_unsafe,
