@@ -2,7 +2,8 @@
 """A deploy command for tests: switches a fake service (support/fake_service.py) to a
 version through its /control endpoint, as a real deploy script would switch the real one.
 
-    deploy.py CONTROL_URL VERSION [--error-ratio R] [--log FILE] [--hang] [--fail]
+    deploy.py CONTROL_URL VERSION [--error-ratio R] [--latency-seconds S] [--log FILE]
+              [--hang | --hang-after | --fail]
 
 ``--log`` appends one JSON line per run (argv and the ROLLBACKD_* environment), so a test
 can count how often the executor ran. ``--hang`` blocks after logging (a stuck deploy);
@@ -24,6 +25,7 @@ def main() -> int:
     parser.add_argument("control_url")
     parser.add_argument("version")
     parser.add_argument("--error-ratio", type=float, default=0.0)
+    parser.add_argument("--latency-seconds", type=float, default=None)
     parser.add_argument("--log")
     parser.add_argument("--hang", action="store_true")
     parser.add_argument("--hang-after", action="store_true", help="switch, then hang")
@@ -43,7 +45,10 @@ def main() -> int:
     if args.fail:
         print("deploy failed: registry unreachable", file=sys.stderr)
         return 1
-    body = json.dumps({"version": args.version, "error_ratio": args.error_ratio}).encode()
+    settings = {"version": args.version, "error_ratio": args.error_ratio}
+    if args.latency_seconds is not None:
+        settings["latency_seconds"] = args.latency_seconds
+    body = json.dumps(settings).encode()
     request = urllib.request.Request(
         args.control_url, data=body, headers={"Content-Type": "application/json"}
     )
