@@ -36,6 +36,11 @@ class DaemonSection(Strict):
     approval_timeout: Duration = Field(
         default=timedelta(minutes=30), description="a rollback waiting for approval expires"
     )
+    stop_grace: Duration = Field(
+        default=timedelta(seconds=60),
+        description="on SIGTERM, how long a running rollback may take to finish before it is "
+        "stopped and marked interrupted",
+    )
 
 
 class BasicAuth(Strict):

@@ -1,14 +1,24 @@
 """``rollbackd run``: the daemon's lifecycle.
 
-Start: load and validate everything, open the store, schedule the checks. SIGHUP: load the
-new config and rules; when they are valid, swap them in (unchanged checks keep their state),
-else keep the old ones and say why. SIGTERM / SIGINT: stop scheduling and close the store.
+Start: load and validate everything, open the store, recover rollbacks a crash left in
+flight, schedule the checks, then tell systemd READY=1 (and keep pinging its watchdog from
+the event loop, so a blocked loop gets the daemon restarted).
+
+SIGHUP: RELOADING=1; parse and validate the new config and rules first; when valid, swap
+them in (unchanged checks keep their state and timing), else keep the old ones running and
+say so (log, ``config.reload_failed`` event, ``rollbackd_config_last_reload_successful``
+0); then READY=1.
+
+SIGTERM / SIGINT: STOPPING=1; stop scheduling; let a running rollback finish within
+``[daemon] stop_grace``, else stop it and mark it interrupted; close the store.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
+import time
 from pathlib import Path
 
 from prometheus_client import start_http_server
@@ -20,7 +30,8 @@ from rollbackd.metrics import Metrics
 from rollbackd.pipeline import Pipeline
 from rollbackd.prometheus import PrometheusClient
 from rollbackd.scheduler import Scheduler
-from rollbackd.store import Store
+from rollbackd.sdnotify import SystemdNotifier
+from rollbackd.store import RollbackState, Store
 
 log = get_logger("rollbackd.daemon")
 
@@ -46,24 +57,78 @@ class Daemon:
         self.pipeline = Pipeline(self.engine)
         self.engine.on_fire = self.pipeline.on_fire
         self.scheduler = Scheduler(self.engine)
+        self.systemd = SystemdNotifier()
         self._stop = asyncio.Event()
+        self.metrics.config_reload_ok.set(1)
+        self.metrics.config_reload_time.set(time.time())
 
     def reload(self) -> bool:
+        """Load the config and rules again; keep the running ones unless the new are valid."""
+        self.systemd.reloading()
         try:
-            loaded = load(self.config_path)
-        except ConfigError as exc:
-            log.error(
-                "reload failed: keeping the running config",
-                problems=[str(p) for p in exc.problems],
-            )
-            return False
-        self.loaded = loaded
-        self.scheduler.reload(loaded)
-        log.info("reloaded", services=len(loaded.services))
-        return True
+            try:
+                loaded = load(self.config_path)
+            except ConfigError as exc:
+                problems = [str(p) for p in exc.problems]
+                log.error("reload failed: keeping the running config", problems=problems)
+                self.metrics.config_reload_ok.set(0)
+                self.engine.bus.publish(
+                    "config.reload_failed",
+                    time.time(),
+                    data={"config": str(self.config_path), "problems": problems},
+                )
+                return False
+            if loaded.config.prometheus != self.loaded.config.prometheus:
+                self.client = PrometheusClient(loaded.config.prometheus)
+                self.engine.client = self.client
+            if loaded.config.server != self.loaded.config.server:
+                log.warning("[server] changes take effect at the next restart")
+            self.loaded = loaded
+            self.scheduler.reload(loaded)
+            self.metrics.config_reload_ok.set(1)
+            self.metrics.config_reload_time.set(time.time())
+            log.info("reloaded", services=len(loaded.services))
+            return True
+        finally:
+            self.systemd.ready(self.status_line())
 
     def stop(self) -> None:
         self._stop.set()
+
+    def status_line(self) -> str:
+        services = self.engine.loaded.services.values()
+        checks = sum(len(s.rules.check) for s in services)
+        firing = sum(1 for state in self.engine.states.values() if state.firing)
+        live = len(
+            self.store.rollbacks(states=[RollbackState.RUNNING, RollbackState.VERIFYING], limit=100)
+        )
+        self.metrics.rollbacks_in_flight.set(live)
+        blind = len(self.engine.blind_checks)
+        return (
+            f"{len(services)} services, {checks} checks, {firing} firing, {blind} blind, "
+            f"{live} rollbacks in flight"
+        )
+
+    async def _watchdog(self) -> None:
+        """WATCHDOG=1 from the event loop itself: if the loop stalls, systemd notices."""
+        interval = self.systemd.watchdog_interval or 5.0
+        while True:
+            self.systemd.send("WATCHDOG=1", f"STATUS={self.status_line()}")
+            await asyncio.sleep(interval)
+
+    async def _shutdown(self) -> None:
+        self.systemd.stopping()
+        log.info("rollbackd stopping")
+        self.scheduler.shutdown()
+        grace = self.loaded.config.daemon.stop_grace.total_seconds()
+        try:
+            await asyncio.wait_for(self.pipeline.wait_idle(), timeout=grace)
+        except TimeoutError:
+            log.warning("rollbacks still running after stop_grace: stopping them", grace=grace)
+            await self.pipeline.interrupt_all(
+                f"the daemon was stopped and the rollback did not finish within {grace:g}s"
+            )
+        self.store.close()
 
     async def serve(self) -> None:
         loop = asyncio.get_running_loop()
@@ -87,12 +152,15 @@ class Daemon:
             listen=self.loaded.config.server.listen,
             mode=self.loaded.config.daemon.mode.value,
         )
+        self.systemd.ready(self.status_line())
+        watchdog = asyncio.ensure_future(self._watchdog())
         try:
             await self._stop.wait()
         finally:
-            log.info("rollbackd stopping")
-            self.scheduler.shutdown()
-            self.store.close()
+            watchdog.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watchdog
+            await self._shutdown()
 
 
 def run(config_path: Path) -> int:

@@ -75,5 +75,21 @@ class Metrics:
             registry=r,
         )
 
+        self.config_reload_ok = Gauge(
+            "rollbackd_config_last_reload_successful",
+            "1 when the last config reload (or the start) succeeded, 0 when it was refused.",
+            registry=r,
+        )
+        self.config_reload_time = Gauge(
+            "rollbackd_config_last_reload_success_timestamp_seconds",
+            "When the config was last loaded successfully.",
+            registry=r,
+        )
+        self.rollbacks_in_flight = Gauge(
+            "rollbackd_rollbacks_in_flight",
+            "Rollbacks running or verifying now.",
+            registry=r,
+        )
+
     def verdict_counted(self, service: str, check: str, verdict: Verdict) -> None:
         self.evaluations.labels(service, check, verdict.value).inc()

@@ -247,6 +247,21 @@ class Pipeline:
         self._freeze(rollback.service, f"rollback {rollback.id} was interrupted", now)
         return interrupted
 
+    async def interrupt_all(self, why: str) -> None:
+        """Stop every execution in flight (their process groups are killed) and mark their
+        rollbacks interrupted: on a stop, never leave one looking as if it still ran."""
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        for rollback in self.store.rollbacks(
+            states=[RollbackState.RUNNING, RollbackState.VERIFYING], limit=1000
+        ):
+            now = self.clock()
+            for step in self.store.steps(rollback.id):
+                if step.finished_at is None:
+                    self.store.finish_step(step.id, now, False, f"interrupted: {why}")
+            self._interrupted(rollback, why)
+
     async def wait_idle(self) -> None:
         """Await every execution in flight (tests, and a clean stop)."""
         while self._tasks:
