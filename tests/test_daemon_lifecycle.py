@@ -143,7 +143,7 @@ def test_notify_reload_and_stop(
         [(data,)] = daemon.await_rows("SELECT data FROM events WHERE type = 'config.reload_failed'")
         problems = json.loads(str(data))["problems"]
         assert any("rules/new.toml:4:8" in p for p in problems), problems
-        [(seen_before,)] = daemon.rows("SELECT last_seen FROM versions WHERE service = 'old'")
+        [(seen_before,)] = daemon.await_rows("SELECT last_seen FROM versions WHERE service = 'old'")
         daemon.await_rows(
             "SELECT 1 FROM versions WHERE service = 'old' AND last_seen > ?", seen_before
         )
