@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -31,7 +32,7 @@ from rollbackd.pipeline import Pipeline
 from rollbackd.prometheus import PrometheusClient
 from rollbackd.scheduler import Scheduler
 from rollbackd.sdnotify import SystemdNotifier
-from rollbackd.store import RollbackState, Store
+from rollbackd.store import RollbackState, Store, StoreError
 
 log = get_logger("rollbackd.daemon")
 
@@ -171,6 +172,13 @@ def run(config_path: Path) -> int:
             print(problem)
         return 1
     configure(loaded.config.daemon.log_format, loaded.config.daemon.log_level)
-    daemon = Daemon(config_path)
+    try:
+        daemon = Daemon(config_path)
+    except (StoreError, OSError) as exc:
+        # Without its state the daemon could neither keep its promises (one rollback per
+        # release, cooldowns) nor a record: it refuses to start, and says why.
+        log.critical("cannot open the state store: not starting", error=str(exc))
+        print(f"rollbackd: cannot open the state store: {exc}", file=sys.stderr)
+        return 1
     asyncio.run(daemon.serve())
     return 0

@@ -40,6 +40,7 @@ from rollbackd.store import (
     RollbackDraft,
     RollbackState,
     Store,
+    StoreError,
 )
 from rollbackd.verify import Verifier, VerifyResult
 
@@ -141,7 +142,18 @@ class Pipeline:
     async def submit(self, trigger: Trigger) -> Submission:
         service = self._service(trigger.service)
         async with self._lock(trigger.service):
-            return self._decide(service, trigger)
+            try:
+                return self._decide(service, trigger)
+            except StoreError as exc:
+                # Never act on what cannot be recorded: without the record, idempotency,
+                # cooldown and the audit trail are gone.
+                log.critical(
+                    "state store failed: NOT rolling back, the decision cannot be recorded",
+                    service=trigger.service,
+                    trigger=trigger.reason,
+                    error=str(exc),
+                )
+                return Submission("unrecorded", None, None, f"state store failed: {exc}")
 
     async def approve(self, rollback_id: int, who: str) -> Rollback:
         rollback = self._require(rollback_id)
@@ -428,6 +440,20 @@ class Pipeline:
     # -- executing ------------------------------------------------------------------
 
     async def _execute(self, rollback: Rollback) -> None:
+        try:
+            await self._execute_recorded(rollback)
+        except StoreError as exc:
+            # A step whose start cannot be recorded must not run; stop here, loudly. The
+            # record shows the last step that could be written; a restart's recovery
+            # verifies or interrupts whatever is left running.
+            log.critical(
+                "state store failed during a rollback: stopping it, nothing further runs",
+                rollback=rollback.id,
+                service=rollback.service,
+                error=str(exc),
+            )
+
+    async def _execute_recorded(self, rollback: Rollback) -> None:
         service = self._service(rollback.service)
         now = self.clock()
         if rollback.state is not RollbackState.RUNNING:
