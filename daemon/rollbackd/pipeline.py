@@ -578,6 +578,7 @@ class Pipeline:
             "reason": rollback.reason,
             "source": rollback.source,
             "trigger": dict(rollback.trigger),
+            "guards": [dict(g) for g in rollback.guards],
             **extra,
         }
         self.bus.publish(kind, self.clock(), rollback.service, rollback_id=rollback.id, data=data)
