@@ -213,14 +213,17 @@ async def test_tail_cut_inside_a_character_still_decodes() -> None:
 
 
 async def test_cancellation_kills_the_process_group(tmp_path: Path) -> None:
-    fifo = tmp_path / "pids"
-    os.mkfifo(fifo)
-    script = 'sleep 1000 & echo $$ $! > "$1"; wait'
+    written = tmp_path / "pids"
+    script = 'sleep 1000 & echo $$ $! > "$1.tmp" && mv "$1.tmp" "$1"; wait'
     task = asyncio.create_task(
-        run_process(["sh", "-c", script, "sh", str(fifo)], env=ENV, timeout=60)
+        run_process(["sh", "-c", script, "sh", str(written)], env=ENV, timeout=60)
     )
-    # Opening the FIFO blocks until the script writes to it: it is running.
-    leader, grandchild = pids(await asyncio.to_thread(fifo.read_text))
+    # The file appears (atomically, by rename) once the script runs with its grandchild.
+    for _ in range(400):
+        if written.exists():
+            break
+        await asyncio.sleep(0.025)
+    leader, grandchild = pids(written.read_text())
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
