@@ -22,16 +22,16 @@ import sys
 import time
 from pathlib import Path
 
-from prometheus_client import start_http_server
-
 from rollbackd.engine import Engine
 from rollbackd.loader import ConfigError, LoadedConfig, load
 from rollbackd.logs import configure, get_logger
 from rollbackd.metrics import Metrics
+from rollbackd.notify.dispatcher import Dispatcher
 from rollbackd.pipeline import Pipeline
 from rollbackd.prometheus import PrometheusClient
 from rollbackd.scheduler import Scheduler
 from rollbackd.sdnotify import SystemdNotifier
+from rollbackd.server import ApiServer, ApiStartError, start_api
 from rollbackd.store import RollbackState, Store, StoreError
 
 log = get_logger("rollbackd.daemon")
@@ -57,8 +57,17 @@ class Daemon:
         self.engine = Engine(self.loaded, self.client, self.store, metrics=self.metrics)
         self.pipeline = Pipeline(self.engine)
         self.engine.on_fire = self.pipeline.on_fire
+        config = self.loaded.config
+        self.dispatcher = Dispatcher(
+            config.notify,
+            prometheus_url=config.prometheus.url,
+            public_url=config.server.public_url,
+            metrics_registry=self.metrics.registry,
+        )
+        self.dispatcher.subscribe(self.engine.bus)
         self.scheduler = Scheduler(self.engine)
         self.systemd = SystemdNotifier()
+        self.api: ApiServer | None = None
         self._stop = asyncio.Event()
         self.metrics.config_reload_ok.set(1)
         self.metrics.config_reload_time.set(time.time())
@@ -86,6 +95,12 @@ class Daemon:
                 log.warning("[server] changes take effect at the next restart")
             self.loaded = loaded
             self.scheduler.reload(loaded)
+            # Always, so rotated secret files take effect.
+            self.dispatcher.reload(
+                loaded.config.notify,
+                prometheus_url=loaded.config.prometheus.url,
+                public_url=loaded.config.server.public_url,
+            )
             self.metrics.config_reload_ok.set(1)
             self.metrics.config_reload_time.set(time.time())
             log.info("reloaded", services=len(loaded.services))
@@ -120,6 +135,8 @@ class Daemon:
     async def _shutdown(self) -> None:
         self.systemd.stopping()
         log.info("rollbackd stopping")
+        if self.api is not None:
+            await self.api.stop()
         self.scheduler.shutdown()
         grace = self.loaded.config.daemon.stop_grace.total_seconds()
         try:
@@ -129,6 +146,8 @@ class Daemon:
             await self.pipeline.interrupt_all(
                 f"the daemon was stopped and the rollback did not finish within {grace:g}s"
             )
+        # After the pipeline: its last events (rollback.failed) must still go out.
+        await self.dispatcher.stop(timeout=5.0)
         self.store.close()
 
     async def serve(self) -> None:
@@ -136,9 +155,9 @@ class Daemon:
         loop.add_signal_handler(signal.SIGTERM, self.stop)
         loop.add_signal_handler(signal.SIGINT, self.stop)
         loop.add_signal_handler(signal.SIGHUP, self.reload)
-        host, _, port = self.loaded.config.server.listen.rpartition(":")
-        # Until the HTTP API lands, the daemon's own metrics are served on [server].listen.
-        start_http_server(int(port), addr=host.strip("[]"), registry=self.metrics.registry)
+        self.dispatcher.start()
+        # The HTTP API, /metrics and the Alertmanager webhook, on [server].listen.
+        self.api = await start_api(self)
         # Before anything is scheduled: rollbacks a crash left running are verified or
         # marked interrupted, never re-run.
         await self.pipeline.recover()
@@ -180,5 +199,10 @@ def run(config_path: Path) -> int:
         log.critical("cannot open the state store: not starting", error=str(exc))
         print(f"rollbackd: cannot open the state store: {exc}", file=sys.stderr)
         return 1
-    asyncio.run(daemon.serve())
+    try:
+        asyncio.run(daemon.serve())
+    except ApiStartError as exc:
+        log.critical("cannot serve the API: not starting", error=str(exc))
+        print(f"rollbackd: {exc}", file=sys.stderr)
+        return 1
     return 0

@@ -189,6 +189,39 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         )
         """,
     ),
+    # 3: every alert Alertmanager delivered, matched to a service or not.
+    (
+        # (fingerprint, starts_at, status) is what Alertmanager re-sends unchanged every
+        # group_interval while an alert fires: the key that makes the receiver idempotent.
+        # Labels and annotations are outside input, kept as data only. handled_at is NULL
+        # while a matched firing alert has not yet reached the pipeline, so a delivery
+        # that failed half-way is completed by the next one rather than lost.
+        """
+        CREATE TABLE alerts (
+            id                INTEGER PRIMARY KEY AUTOINCREMENT,
+            fingerprint       TEXT NOT NULL,
+            status            TEXT NOT NULL,
+            starts_at         REAL NOT NULL,
+            ends_at           REAL,
+            alertname         TEXT NOT NULL DEFAULT '',
+            labels            TEXT NOT NULL DEFAULT '{}' CHECK (json_valid(labels)),
+            annotations       TEXT NOT NULL DEFAULT '{}' CHECK (json_valid(annotations)),
+            generator_url     TEXT NOT NULL DEFAULT '',
+            receiver          TEXT NOT NULL DEFAULT '',
+            group_key         TEXT NOT NULL DEFAULT '',
+            received_at       REAL NOT NULL,
+            last_received_at  REAL NOT NULL,
+            deliveries        INTEGER NOT NULL DEFAULT 1,
+            matched_service   TEXT,
+            handled_at        REAL,
+            outcome           TEXT NOT NULL DEFAULT '',
+            rollback_id       INTEGER,
+            UNIQUE (fingerprint, starts_at, status)
+        )
+        """,
+        "CREATE INDEX alerts_by_time ON alerts (received_at)",
+        "CREATE INDEX alerts_by_service ON alerts (matched_service, received_at)",
+    ),
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -375,6 +408,53 @@ class Event:
     id: int | None = None
 
 
+@dataclass(frozen=True)
+class AlertDraft:
+    """One alert of one Alertmanager delivery, about to be recorded."""
+
+    fingerprint: str
+    status: str
+    """``firing`` or ``resolved``."""
+    starts_at: float
+    ends_at: float | None
+    """None for a firing alert (Alertmanager sends the zero time)."""
+    alertname: str
+    labels: Mapping[str, str]
+    annotations: Mapping[str, str]
+    generator_url: str
+    receiver: str
+    group_key: str
+    matched_service: str | None
+    """The service whose [[alert]] it matched, from the config; never from its labels."""
+    outcome: str = ""
+    """Set for an alert that needs no further handling (resolved, unmatched): why."""
+    needs_handling: bool = False
+    """A matched firing alert: it is to be handed to the pipeline."""
+
+
+@dataclass(frozen=True)
+class StoredAlert:
+    id: int
+    fingerprint: str
+    status: str
+    starts_at: float
+    ends_at: float | None
+    alertname: str
+    labels: Mapping[str, str]
+    annotations: Mapping[str, str]
+    generator_url: str
+    receiver: str
+    group_key: str
+    received_at: float
+    last_received_at: float
+    deliveries: int
+    matched_service: str | None
+    handled_at: float | None
+    """None while a matched firing alert has not been handed to the pipeline yet."""
+    outcome: str
+    rollback_id: int | None
+
+
 class Store:
     """The SQLite state store. ``path`` is the database file itself; its directory must
     exist (it is the daemon's state_dir, whose ownership is not ours to decide)."""
@@ -501,6 +581,18 @@ class Store:
                 """UPDATE versions SET last_seen = max(last_seen, ?)
                    WHERE service = ? AND version = ?""",
                 (at, service, version),
+            )
+
+    def touch_versions(self, seen: Sequence[tuple[str, str, float]]) -> None:
+        """``touch_version`` for many (service, version, at) at once: one transaction, one
+        fsync, however many services."""
+        if not seen:
+            return
+        with self._write() as conn:
+            conn.executemany(
+                """UPDATE versions SET last_seen = max(last_seen, ?)
+                   WHERE service = ? AND version = ?""",
+                [(at, service, version) for service, version, at in seen],
             )
 
     def version(self, service: str, version: str) -> VersionRecord | None:
@@ -894,6 +986,87 @@ class Store:
         with self._read() as conn:
             return {row[0] for row in conn.execute("SELECT scope FROM pauses")}
 
+    # Alerts from Alertmanager
+
+    def record_alerts(
+        self, drafts: Sequence[AlertDraft], received_at: float
+    ) -> list[tuple[StoredAlert, bool]]:
+        """Record one delivery's alerts in one transaction, all or none: each with whether
+        it is new. An alert already recorded under the same (fingerprint, starts_at,
+        status) is a re-send: only its delivery count and last delivery time change."""
+        results: list[tuple[StoredAlert, bool]] = []
+        with self._write() as conn:
+            for draft in drafts:
+                conn.execute(
+                    """INSERT INTO alerts (
+                            fingerprint, status, starts_at, ends_at, alertname, labels,
+                            annotations, generator_url, receiver, group_key, received_at,
+                            last_received_at, matched_service, handled_at, outcome)
+                       VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                       ON CONFLICT (fingerprint, starts_at, status) DO UPDATE SET
+                           deliveries = deliveries + 1,
+                           last_received_at = max(last_received_at, excluded.received_at)""",
+                    (
+                        draft.fingerprint,
+                        draft.status,
+                        draft.starts_at,
+                        draft.ends_at,
+                        draft.alertname,
+                        _dump_json(draft.labels),
+                        _dump_json(draft.annotations),
+                        draft.generator_url,
+                        draft.receiver,
+                        draft.group_key,
+                        received_at,
+                        received_at,
+                        draft.matched_service,
+                        None if draft.needs_handling else received_at,
+                        draft.outcome,
+                    ),
+                )
+                row = conn.execute(
+                    f"{_ALERT_SELECT} WHERE fingerprint = ? AND starts_at = ? AND status = ?",
+                    (draft.fingerprint, draft.starts_at, draft.status),
+                ).fetchone()
+                alert = _alert(row)
+                # Every conflict adds a delivery, so one delivery means this call inserted it.
+                results.append((alert, alert.deliveries == 1))
+        return results
+
+    def set_alert_handled(
+        self, alert_id: int, at: float, outcome: str, rollback_id: int | None = None
+    ) -> None:
+        """Record what the pipeline did with a matched firing alert."""
+        with self._write() as conn:
+            conn.execute(
+                """UPDATE alerts SET handled_at = ?, outcome = ?, rollback_id = ?
+                   WHERE id = ?""",
+                (at, outcome, rollback_id, alert_id),
+            )
+
+    def alerts(
+        self,
+        service: str | None = None,
+        since: float | None = None,
+        limit: int = 100,
+    ) -> list[StoredAlert]:
+        """The latest received first; ``service`` filters on the matched service."""
+        _check_limit(limit)
+        where: list[str] = []
+        params: list[object] = []
+        if service is not None:
+            where.append("matched_service = ?")
+            params.append(service)
+        if since is not None:
+            where.append("received_at >= ?")
+            params.append(since)
+        clause = f"WHERE {' AND '.join(where)}" if where else ""
+        with self._read() as conn:
+            rows = conn.execute(
+                f"{_ALERT_SELECT} {clause} ORDER BY id DESC LIMIT ?", (*params, limit)
+            ).fetchall()
+        return [_alert(row) for row in rows]
+
     # The audit log
 
     def add_event(self, event: Event) -> int:
@@ -1127,4 +1300,32 @@ def _service_state(row: Sequence[Any]) -> ServiceState:
         paused=bool(row[4]),
         frozen=bool(row[5]),
         frozen_reason=row[6],
+    )
+
+
+_ALERT_SELECT = """SELECT id, fingerprint, status, starts_at, ends_at, alertname, labels,
+       annotations, generator_url, receiver, group_key, received_at, last_received_at,
+       deliveries, matched_service, handled_at, outcome, rollback_id FROM alerts"""
+
+
+def _alert(row: Sequence[Any]) -> StoredAlert:
+    return StoredAlert(
+        id=int(row[0]),
+        fingerprint=row[1],
+        status=row[2],
+        starts_at=float(row[3]),
+        ends_at=None if row[4] is None else float(row[4]),
+        alertname=row[5],
+        labels=json.loads(row[6]),
+        annotations=json.loads(row[7]),
+        generator_url=row[8],
+        receiver=row[9],
+        group_key=row[10],
+        received_at=float(row[11]),
+        last_received_at=float(row[12]),
+        deliveries=int(row[13]),
+        matched_service=row[14],
+        handled_at=None if row[15] is None else float(row[15]),
+        outcome=row[16],
+        rollback_id=None if row[17] is None else int(row[17]),
     )

@@ -1,0 +1,308 @@
+"""Alertmanager alerts: which service an alert may roll back, and handing it to the pipeline.
+
+An alert is outside input. Its labels decide only *whether* it matches a service's
+``[[alert]]`` (alertname equal, every matcher satisfied); the service, the executors and the
+version always come from the config and the state store, never from the alert. Labels and
+annotations are stored as data and shown to people, nothing more.
+
+Every delivered alert is recorded before the webhook answers; the receiver is idempotent on
+(fingerprint, startsAt, status), because Alertmanager re-sends a firing group every
+``group_interval``. A resolved alert is recorded and never taken as proof of health: it may
+be synthetic (an alert that merely expired).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+
+from rollbackd.loader import LoadedConfig
+from rollbackd.logs import get_logger
+from rollbackd.pipeline import Pipeline, Trigger, UnknownService
+from rollbackd.store import AlertDraft, JSONValue, StoredAlert, StoreError
+
+log = get_logger("rollbackd.alerts")
+
+_MATCHER = re.compile(
+    r'\s*([a-zA-Z_][a-zA-Z0-9_]*)\s*(=~|!~|!=|=)\s*"((?:[^"\\\n]|\\.)*)"\s*(?:,|$)'
+)
+_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\", '"': '"'}
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]+")
+REASON_LIMIT = 300
+"""Characters of an alert's text kept in a rollback's reason: it reaches executors as
+``{reason}``, so outside text is kept short and on one line."""
+
+
+class MatcherError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class LabelMatcher:
+    """One matcher, as Alertmanager and PromQL read it. A missing label reads as "", and a
+    regex must match the whole value."""
+
+    name: str
+    op: str
+    value: str
+    regex: re.Pattern[str] | None = None
+
+    def matches(self, labels: Mapping[str, str]) -> bool:
+        actual = labels.get(self.name, "")
+        if self.op == "=":
+            return actual == self.value
+        if self.op == "!=":
+            return actual != self.value
+        assert self.regex is not None
+        found = self.regex.fullmatch(actual) is not None
+        return found if self.op == "=~" else not found
+
+    def __str__(self) -> str:
+        escaped = self.value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+        return f'{self.name}{self.op}"{escaped}"'
+
+
+def _unquote(body: str) -> str:
+    # An unknown escape keeps its backslash: in a regex, "\d" must stay "\d".
+    return re.sub(r"\\(.)", lambda m: _ESCAPES.get(m.group(1), m.group(0)), body)
+
+
+def parse_matchers(text: str) -> tuple[LabelMatcher, ...]:
+    """``'severity="critical", team=~"pay.*"'`` -> matchers. Raises MatcherError."""
+    matchers: list[LabelMatcher] = []
+    position = 0
+    text = text.strip()
+    while position < len(text):
+        found = _MATCHER.match(text, position)
+        if found is None or found.end() == position:
+            raise MatcherError(f"cannot read label matchers at {text[position:]!r}")
+        name, op, body = found.group(1), found.group(2), found.group(3)
+        value = _unquote(body)
+        regex = None
+        if op in ("=~", "!~"):
+            try:
+                regex = re.compile(value)
+            except re.error as exc:
+                raise MatcherError(f"{name}{op}: invalid regular expression: {exc}") from None
+        matchers.append(LabelMatcher(name, op, value, regex))
+        position = found.end()
+    return tuple(matchers)
+
+
+@dataclass(frozen=True)
+class AlertRoute:
+    """One ``[[alert]]`` of one service."""
+
+    service: str
+    alertname: str
+    matchers: tuple[LabelMatcher, ...]
+
+    def matches(self, labels: Mapping[str, str]) -> bool:
+        return labels.get("alertname") == self.alertname and all(
+            m.matches(labels) for m in self.matchers
+        )
+
+    def __str__(self) -> str:
+        inner = ", ".join(str(m) for m in self.matchers)
+        return f"{self.alertname}{{{inner}}}" if inner else self.alertname
+
+
+def compile_routes(loaded: LoadedConfig) -> list[AlertRoute]:
+    """Every service's ``[[alert]]``, matchers parsed once. A mapping whose matchers cannot
+    be read is left out (it would match nothing) and logged."""
+    routes: list[AlertRoute] = []
+    for service in loaded.services.values():
+        for index, mapping in enumerate(service.rules.alert, start=1):
+            try:
+                matchers = tuple(m for text in mapping.matchers for m in parse_matchers(text))
+            except MatcherError as exc:
+                log.error(
+                    "alert mapping ignored: its matchers cannot be used",
+                    service=service.name,
+                    mapping=f"alert[{index}]",
+                    error=str(exc),
+                )
+                continue
+            routes.append(AlertRoute(service.name, mapping.alertname, matchers))
+    return routes
+
+
+class AlertRouter:
+    """The routes of the config in force, recompiled when a reload replaces it."""
+
+    def __init__(self, current: Callable[[], LoadedConfig]) -> None:
+        self._current = current
+        self._compiled_for: LoadedConfig | None = None
+        self._routes: list[AlertRoute] = []
+
+    def routes(self) -> list[AlertRoute]:
+        loaded = self._current()
+        if loaded is not self._compiled_for:
+            self._routes = compile_routes(loaded)
+            self._compiled_for = loaded
+        return self._routes
+
+    def services_for(self, labels: Mapping[str, str]) -> list[str]:
+        return sorted({r.service for r in self.routes() if r.matches(labels)})
+
+
+@dataclass(frozen=True)
+class IncomingAlert:
+    """One alert of a delivery, validated (see ``api_models.AlertmanagerAlert``)."""
+
+    fingerprint: str
+    status: str
+    starts_at: datetime
+    ends_at: datetime | None
+    labels: Mapping[str, str]
+    annotations: Mapping[str, str]
+    generator_url: str
+
+
+@dataclass(frozen=True)
+class Delivery:
+    receiver: str
+    group_key: str
+    alerts: Sequence[IncomingAlert]
+
+
+@dataclass(frozen=True)
+class AlertResult:
+    alert: StoredAlert
+    new: bool
+
+
+def one_line(text: str, limit: int = REASON_LIMIT) -> str:
+    flat = " ".join(_CONTROL.sub(" ", text).split())
+    return flat if len(flat) <= limit else flat[: limit - 3] + "..."
+
+
+def alert_reason(alertname: str, labels: Mapping[str, str], annotations: Mapping[str, str]) -> str:
+    text = annotations.get("summary") or annotations.get("description")
+    if not text:
+        shown = [f'{k}="{v}"' for k, v in sorted(labels.items()) if k != "alertname"]
+        text = "{" + ", ".join(shown) + "}"
+    return one_line(f"alert {alertname}: {text}")
+
+
+def _unix(at: datetime) -> float:
+    return at.astimezone(UTC).timestamp()
+
+
+def _end(at: datetime | None) -> float | None:
+    # Alertmanager marks "no end" with Go's zero time, 0001-01-01T00:00:00Z.
+    return None if at is None or at.year <= 1 else _unix(at)
+
+
+class AlertReceiver:
+    """Records each delivery, then hands every matched firing alert not yet handed over to
+    the pipeline, as a firing check would be."""
+
+    def __init__(
+        self,
+        pipeline: Pipeline,
+        *,
+        clock: Callable[[], float] = time.time,
+        counted: Callable[[StoredAlert, bool], None] | None = None,
+    ) -> None:
+        self.pipeline = pipeline
+        self.store = pipeline.store
+        self.router = AlertRouter(lambda: pipeline.engine.loaded)
+        self.clock = clock
+        self._counted = counted
+        # One delivery at a time: two concurrent deliveries of one alert (two routes with
+        # continue) must not both see it unhandled and both hand it over.
+        self._lock = asyncio.Lock()
+
+    def draft(self, delivery: Delivery, alert: IncomingAlert) -> AlertDraft:
+        alertname = alert.labels.get("alertname", "")
+        services = self.router.services_for(alert.labels)
+        matched = services[0] if len(services) == 1 else None
+        if len(services) > 1:
+            outcome = (
+                f"ambiguous: matches the [[alert]] of services {', '.join(services)}; "
+                "recorded, nothing done"
+            )
+        elif matched is None:
+            outcome = "matches no [[alert]]: recorded and ignored"
+        elif alert.status != "firing":
+            outcome = "resolved: recorded; never taken as proof of health"
+        else:
+            outcome = ""
+        return AlertDraft(
+            fingerprint=alert.fingerprint,
+            status=alert.status,
+            starts_at=_unix(alert.starts_at),
+            ends_at=_end(alert.ends_at),
+            alertname=alertname,
+            labels=dict(alert.labels),
+            annotations=dict(alert.annotations),
+            generator_url=alert.generator_url,
+            receiver=delivery.receiver,
+            group_key=delivery.group_key,
+            matched_service=matched,
+            outcome=outcome,
+            needs_handling=matched is not None and alert.status == "firing",
+        )
+
+    async def receive(self, delivery: Delivery) -> list[AlertResult]:
+        """Store every alert (raises StoreError when that fails: nothing was stored, and
+        Alertmanager is to retry), then hand matched firing alerts to the pipeline."""
+        async with self._lock:
+            now = self.clock()
+            drafts = [self.draft(delivery, alert) for alert in delivery.alerts]
+            stored = await asyncio.to_thread(self.store.record_alerts, drafts, now)
+            results: list[AlertResult] = []
+            for alert, new in stored:
+                if self._counted is not None:
+                    self._counted(alert, new)
+                if alert.handled_at is None and alert.matched_service is not None:
+                    alert = await self._hand_over(alert, now)
+                results.append(AlertResult(alert, new))
+            return results
+
+    async def _hand_over(self, alert: StoredAlert, now: float) -> StoredAlert:
+        service = alert.matched_service
+        assert service is not None
+        detail: dict[str, JSONValue] = {
+            "alert_id": alert.id,
+            "alertname": alert.alertname,
+            "fingerprint": alert.fingerprint,
+            "starts_at": alert.starts_at,
+            "labels": dict(alert.labels),
+        }
+        trigger = Trigger(
+            service=service,
+            source="alert",
+            reason=alert_reason(alert.alertname, alert.labels, alert.annotations),
+            at=now,
+            automatic=True,
+            breach_started=alert.starts_at,
+            detail=detail,
+        )
+        rollback_id: int | None = None
+        try:
+            submission = await self.pipeline.submit(trigger)
+        except UnknownService:
+            outcome = f"service {service!r} is no longer configured: nothing done"
+        else:
+            if submission.outcome == "unrecorded":
+                # The pipeline did nothing, since it could not record it: left unhandled,
+                # so Alertmanager's retry (the caller answers 503) brings it back.
+                raise StoreError(submission.reason)
+            rollback_id = submission.rollback.id if submission.rollback else None
+            outcome = f"{submission.outcome}: {submission.reason}"
+        log.info(
+            "alert handed to the pipeline",
+            service=service,
+            alertname=alert.alertname,
+            fingerprint=alert.fingerprint,
+            outcome=outcome,
+            rollback_id=rollback_id,
+        )
+        await asyncio.to_thread(self.store.set_alert_handled, alert.id, now, outcome, rollback_id)
+        return replace(alert, handled_at=now, outcome=outcome, rollback_id=rollback_id)
