@@ -7,14 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from rollbackd.alerts import (
-    AlertRoute,
-    MatcherError,
-    alert_reason,
-    compile_routes,
-    one_line,
-    parse_matchers,
-)
+from rollbackd.alerts import AlertRoute, alert_reason, one_line
+from rollbackd.matchers import MatcherError, parse_matchers
 from support.daemon_process import InProcessDaemon, alert_service
 
 
@@ -65,20 +59,6 @@ def test_a_route_needs_the_alertname_too() -> None:
     assert not route.matches({"alertname": "ApiDownNow", "severity": "critical"})
     assert not route.matches({"severity": "critical"})
     assert str(route) == 'ApiDown{severity="critical"}'
-
-
-def test_a_mapping_with_a_broken_regex_matches_nothing(tmp_path: Path) -> None:
-    daemon = InProcessDaemon(
-        tmp_path / "d",
-        {
-            "api": alert_service("api", tmp_path / "log", alertname="A", matchers=['x=~"("']),
-            "web": alert_service("web", tmp_path / "log", alertname="W"),
-        },
-    )
-    try:
-        assert [r.service for r in compile_routes(daemon.loaded)] == ["web"]
-    finally:
-        daemon.close()
 
 
 async def test_an_alert_matching_two_services_rolls_back_neither(tmp_path: Path) -> None:

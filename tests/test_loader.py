@@ -191,3 +191,13 @@ def test_rule_file_without_rollback_executor(config_dir: Path) -> None:
 )
 def test_field_paths(loc: tuple[int | str, ...], text: str) -> None:
     assert field_path(loc) == text
+
+
+def test_alert_matcher_with_a_broken_regex(config_dir: Path) -> None:
+    text = (
+        GOOD_RULES.format(name="a") + '[[alert]]\nalertname = "X"\nmatchers = [\'team=~"(pay"\']\n'
+    )
+    write(config_dir, "rules/a.toml", text)
+    [problem] = problems_of(config_dir / "config.toml")
+    assert problem.field == "alert[1].matchers"
+    assert "invalid regular expression" in problem.message

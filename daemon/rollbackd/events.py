@@ -22,4 +22,6 @@ EVENT_TYPES = (
     "rollback.triggered",
     "rollback.rejected",
     "rollback.expired",
+    "service.paused",
+    "service.resumed",
 )

@@ -5,12 +5,13 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Self
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from rollbackd.checks import Check
 from rollbackd.checks.base import Action, LabelName, Matchers, Name
 from rollbackd.durations import Duration
 from rollbackd.executors import Executor
+from rollbackd.matchers import MatcherError, parse_matchers
 from rollbackd.strict import Strict
 
 
@@ -54,6 +55,16 @@ class AlertMapping(Strict):
     matchers: list[Matchers] = Field(
         default_factory=list, description="label matchers the alert must also satisfy"
     )
+
+    @field_validator("matchers")
+    @classmethod
+    def _readable(cls, matchers: list[str]) -> list[str]:
+        for text in matchers:
+            try:
+                parse_matchers(text)
+            except MatcherError as exc:
+                raise ValueError(str(exc)) from None
+        return matchers
 
 
 class RuleFile(Strict):
