@@ -14,6 +14,7 @@ import pytest
 from rollbackd.samples import Sample, labels_of
 from rollbackd.store import Store, VersionSource
 from rollbackd.versions import (
+    TOUCH_FLUSH_EVERY,
     VersionTracker,
     candidates,
     is_valid_version,
@@ -182,6 +183,43 @@ def test_the_same_version_again_only_touches_last_seen(
     record = store.version("checkout", "1.0")
     assert record is not None and (record.first_seen, record.last_seen) == (100.0, 160.0)
     assert tracker.current_since("checkout") == 100.0
+
+
+def test_sightings_are_written_together_every_few_seconds(
+    tracker: VersionTracker, store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in ("a", "b", "c"):
+        tracker.observe(name, answer("1.0"), LABEL, now=100.0)
+    writes: list[int] = []
+    touch_versions = store.touch_versions
+
+    def counted(seen: list[tuple[str, str, float]]) -> None:
+        writes.append(len(seen))
+        touch_versions(seen)
+
+    monkeypatch.setattr(store, "touch_versions", counted)
+
+    def last_seen(name: str) -> float:
+        record = store.version(name, "1.0")
+        assert record is not None
+        return record.last_seen
+
+    # The first sighting after a quiet spell is written at once ...
+    tracker.observe("a", answer("1.0"), LABEL, now=200.0)
+    assert (writes, last_seen("a")) == ([1], 200.0)
+    # ... those within TOUCH_FLUSH_EVERY of the last write wait, then go in one transaction.
+    tracker.observe("b", answer("1.0"), LABEL, now=201.0)
+    tracker.observe("a", answer("1.0"), LABEL, now=203.0)
+    assert (writes, last_seen("b")) == ([1], 100.0)
+    tracker.observe("c", answer("1.0"), LABEL, now=200.0 + TOUCH_FLUSH_EVERY)
+    assert writes == [1, 3]
+    assert [last_seen(name) for name in "abc"] == [203.0, 201.0, 200.0 + TOUCH_FLUSH_EVERY]
+    # flush() writes what is pending; a version change is written at once, as ever.
+    tracker.observe("a", answer("1.0"), LABEL, now=206.0)
+    tracker.flush()
+    assert (writes, last_seen("a")) == ([1, 3, 1], 206.0)
+    assert tracker.observe("b", answer("1.1"), LABEL, now=207.0).changed
+    assert store.version("b", "1.1") is not None
 
 
 def test_an_answer_without_a_valid_version_changes_nothing(

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from rollbackd.batching import Batch, Plan, plan
 from rollbackd.bus import EventBus
 from rollbackd.checks.base import Action, CheckSpec, Query
 from rollbackd.checks.judge import Baseline, Measurement, Scope, error_measurement, judge
@@ -40,6 +41,13 @@ from rollbackd.store import Store
 from rollbackd.versions import VersionTracker
 
 log = get_logger("rollbackd.engine")
+
+QUERY_BATCHING = True
+"""Whether engines batch checks of one shape into one query per interval (``batching.py``)
+unless told otherwise; the benchmark switches it to compare."""
+
+Answers = Mapping[str, QueryResult] | PrometheusError
+"""A check's query answers by role, fetched by its batch, or why the batch's query failed."""
 
 _VERDICT_RANK = {Verdict.OK: 0, Verdict.NO_DATA: 1, Verdict.ERROR: 2, Verdict.BREACH: 3}
 
@@ -100,6 +108,7 @@ class Engine:
         metrics: Metrics | None = None,
         on_fire: Callable[[Firing], Awaitable[None]] | None = None,
         bus: EventBus | None = None,
+        query_batching: bool | None = None,
     ) -> None:
         self.loaded = loaded
         self.bus = bus or EventBus(store)
@@ -111,6 +120,10 @@ class Engine:
         self.states: dict[tuple[str, str], CheckState] = {}
         self._views: dict[str, _ServiceView] = {}
         self._blind: set[tuple[str, str]] = set()
+        self.query_batching = QUERY_BATCHING if query_batching is None else query_batching
+        self._plan: Plan | None = None
+        self._rejected: set[str] = set()
+        """Batches whose query Prometheus (or a proxy) refused: their checks run alone."""
 
     # -- configuration ------------------------------------------------------------
 
@@ -132,6 +145,18 @@ class Engine:
                 keep[key] = state
         self.states = keep
         self._blind &= set(keep)
+        self._plan = None
+
+    @property
+    def plan(self) -> Plan:
+        """Which checks run in a batch and which alone, for the config now loaded."""
+        if self._plan is None:
+            services = self.loaded.services.values()
+            if self.query_batching:
+                self._plan = plan(services)
+            else:
+                self._plan = Plan(singles=[(s, c) for s in services for c in s.rules.check])
+        return self._plan
 
     def canary_active(self, service: str) -> bool:
         view = self._views.get(service)
@@ -143,18 +168,27 @@ class Engine:
     # -- one tick -----------------------------------------------------------------
 
     async def tick(self, now: float | None = None) -> list[CheckEvaluation]:
-        """Every service's version, then every check, once. Tests and ``eval`` call this;
-        the daemon schedules the same two steps per service and per check."""
+        """Every service's version, then every check, then baking, once. Tests and ``eval``
+        call this; the daemon schedules the same steps per service, batch and check."""
         at = time.time() if now is None else now
-        evaluations: list[CheckEvaluation] = []
-        for service in list(self.loaded.services.values()):
+        services = list(self.loaded.services.values())
+        for service in services:
             await self.observe_service(service, at)
-            results = await asyncio.gather(
-                *(self.run_check(service, check, at) for check in service.rules.check)
-            )
-            evaluations.extend(results)
+        current = self.plan
+        batched, alone = await asyncio.gather(
+            asyncio.gather(*(self.run_batch(batch, at) for batch in current.batches.values())),
+            asyncio.gather(*(self.run_check(s, check, at) for s, check in current.singles)),
+        )
+        done = {(e.service, e.check.name): e for e in [*alone, *(e for b in batched for e in b)]}
+        for service in services:
             await self.bake(service, at)
-        return evaluations
+        # In the order of the config, as a test or a table reads them.
+        return [
+            done[(service.name, check.name)]
+            for service in services
+            for check in service.rules.check
+            if (service.name, check.name) in done
+        ]
 
     async def observe_service(self, service: Service, now: float) -> None:
         """Read the running version and whether a canary is in progress."""
@@ -270,11 +304,67 @@ class Engine:
             self._emit("version.baked", service.name, now, {"version": baked})
         return baked
 
-    async def run_check(self, service: Service, check: CheckSpec, now: float) -> CheckEvaluation:
-        """Evaluate one check, step its state, emit what changed."""
+    async def run_batch(self, batch: Batch, now: float) -> list[CheckEvaluation]:
+        """One query per role for every member of the batch, then each member judged, stepped
+        and reported as if it had queried alone (``run_check``)."""
+        if batch.id in self._rejected:
+            return await self._run_alone(batch, now)
         started = time.monotonic()
+        answers: Mapping[str, QueryResult] | PrometheusError
+        try:
+            results = await asyncio.gather(
+                *(self._query(q, now, batch.interval.total_seconds()) for q in batch.queries)
+            )
+        except QueryError as exc:
+            # Rejected as a batch (a proxy's length limit, say): from now on each check runs
+            # alone and says for itself whether its own query is good.
+            log.warning(
+                "batched query rejected: its checks run alone from now on",
+                batch=batch.id,
+                checks=len(batch.members),
+                error=str(exc),
+            )
+            self._rejected.add(batch.id)
+            return await self._run_alone(batch, now)
+        except PrometheusError as exc:
+            answers = exc
+        else:
+            answers = {q.role: r for q, r in zip(batch.queries, results, strict=True)}
+        split = None if isinstance(answers, PrometheusError) else batch.split(answers)
+        return list(
+            await asyncio.gather(
+                *(
+                    self.run_check(
+                        m.service,
+                        m.check,
+                        now,
+                        answers=answers if split is None else split[m.key],
+                        started=started,
+                    )
+                    for m in batch.members
+                )
+            )
+        )
+
+    async def _run_alone(self, batch: Batch, now: float) -> list[CheckEvaluation]:
+        return list(
+            await asyncio.gather(*(self.run_check(m.service, m.check, now) for m in batch.members))
+        )
+
+    async def run_check(
+        self,
+        service: Service,
+        check: CheckSpec,
+        now: float,
+        *,
+        answers: Answers | None = None,
+        started: float | None = None,
+    ) -> CheckEvaluation:
+        """Evaluate one check, step its state, emit what changed. ``answers``: what its
+        batch fetched for it, instead of querying."""
+        started = time.monotonic() if started is None else started
         key = (service.name, check.name)
-        measurements = await self.evaluate(service, check, now)
+        measurements = await self.evaluate(service, check, now, answers=answers)
         duration = time.monotonic() - started
         errored = [m for m in measurements if m.verdict is Verdict.ERROR and not m.labels]
         outcome: Errored | Judged = (
@@ -293,15 +383,26 @@ class Engine:
         await self._handle_changes(service, check, evaluation)
         return evaluation
 
-    async def evaluate(self, service: Service, check: CheckSpec, now: float) -> list[Measurement]:
-        """Query and judge, without touching any state: what ``rollbackd eval`` prints."""
+    async def evaluate(
+        self, service: Service, check: CheckSpec, now: float, *, answers: Answers | None = None
+    ) -> list[Measurement]:
+        """Query and judge, without touching any state: what ``rollbackd eval`` prints.
+        ``answers``: the check's answers (or the failure) its batch already fetched."""
         rules = service.rules
         queries = check.queries(rules.version_scope)
-        try:
-            answers = await asyncio.gather(*(self._query(query, now, check) for query in queries))
-        except PrometheusError as exc:
-            return [error_measurement(check, queries[0].expr, str(exc))]
-        results = {query.role: answer for query, answer in zip(queries, answers, strict=True)}
+        if isinstance(answers, PrometheusError):
+            return [error_measurement(check, queries[0].expr, str(answers))]
+        if answers is None:
+            deadline = check.interval.total_seconds()
+            try:
+                fetched = await asyncio.gather(
+                    *(self._query(query, now, deadline) for query in queries)
+                )
+            except PrometheusError as exc:
+                return [error_measurement(check, queries[0].expr, str(exc))]
+            results = {q.role: answer for q, answer in zip(queries, fetched, strict=True)}
+        else:
+            results = dict(answers)
         scope = await self._scope(service, check, now)
         measurements = judge(check, results, scope)
         current = self.versions.current(service.name)
@@ -316,11 +417,9 @@ class Engine:
                 )
         return measurements
 
-    async def _query(self, query: Query, now: float, check: CheckSpec) -> QueryResult:
+    async def _query(self, query: Query, now: float, deadline: float) -> QueryResult:
         try:
-            result = await self.client.aquery(
-                query.expr, at=now, deadline=check.interval.total_seconds()
-            )
+            result = await self.client.aquery(query.expr, at=now, deadline=deadline)
         except PrometheusError as exc:
             self.metrics.queries.labels(_outcome(exc)).inc()
             self.metrics.prometheus_up.set(0 if not isinstance(exc, QueryError) else 1)
@@ -397,7 +496,10 @@ class Engine:
         m = self.metrics
         check = evaluation.check.name
         m.verdict_counted(service.name, check, evaluation.verdict)
-        m.evaluation_duration.labels(service.name, check).observe(evaluation.duration)
+        m.evaluation_duration.labels(getattr(evaluation.check, "type", "")).observe(
+            evaluation.duration
+        )
+        m.last_evaluation_duration.labels(service.name, check).set(evaluation.duration)
         m.check_state.labels(service.name, check).state(evaluation.state.phase.value)
         m.check_blind.labels(service.name, check).set(1 if evaluation.state.blind else 0)
 

@@ -19,11 +19,21 @@ class Metrics:
             ["service", "check", "verdict"],
             registry=r,
         )
+        # By check type, not per check: a histogram is 14 series, and at 6,000 checks one
+        # per check was 84,000 series, a third of the daemon's memory and most of the
+        # /metrics page (docs/benchmarks.md). Each check's own time is the gauge below.
         self.evaluation_duration = Histogram(
             "rollbackd_check_evaluation_duration_seconds",
-            "Time to query Prometheus and judge one check.",
-            ["service", "check"],
+            "Time to query Prometheus and judge one check (its batch's query included), by "
+            "check type.",
+            ["type"],
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+            registry=r,
+        )
+        self.last_evaluation_duration = Gauge(
+            "rollbackd_check_last_evaluation_duration_seconds",
+            "Time the check's last evaluation took to query Prometheus and judge.",
+            ["service", "check"],
             registry=r,
         )
         self.check_state = Enum(
@@ -49,6 +59,15 @@ class Metrics:
             "rollbackd_check_missed_total",
             "Evaluations that started too late and were dropped (the loop was blocked).",
             ["service", "check"],
+            registry=r,
+        )
+        self.start_delay = Histogram(
+            "rollbackd_job_start_delay_seconds",
+            "How late scheduled jobs start against their schedule: the event loop or the "
+            "scheduler was busy. kind: check, batch (several checks, one query each role) or "
+            "service (version and canary).",
+            ["kind"],
+            buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 15, 30),
             registry=r,
         )
         self.queries = Counter(

@@ -1,5 +1,6 @@
-"""Runs the engine on a schedule: one APScheduler job per check, one per service for its
-version and canary, each at its own interval with a jittered start.
+"""Runs the engine on a schedule: one APScheduler job per check (or per batch of checks that
+share one query, see ``batching.py``), one per service for its version and canary, each at
+its own interval with a jittered start.
 
 ``max_instances=1`` means a check never runs twice at once; a run that comes due while the
 previous still runs is skipped and counted as an overrun. ``coalesce=True`` turns a backlog
@@ -18,11 +19,14 @@ from apscheduler.events import (
     EVENT_JOB_ERROR,
     EVENT_JOB_MAX_INSTANCES,
     EVENT_JOB_MISSED,
+    EVENT_JOB_SUBMITTED,
     JobEvent,
+    JobSubmissionEvent,
 )
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from apscheduler.triggers.interval import IntervalTrigger
 
+from rollbackd.batching import Batch
 from rollbackd.checks.base import CheckSpec
 from rollbackd.engine import Engine
 from rollbackd.loader import LoadedConfig, Service
@@ -39,13 +43,17 @@ def service_job_id(service: str) -> str:
     return f"service:{service}"
 
 
+_KINDS = ("check", "batch", "service")
+
+
 class Scheduler:
     def __init__(self, engine: Engine, *, rng: random.Random | None = None) -> None:
         self.engine = engine
         self._rng = rng or random.Random()  # noqa: S311 (jitter, not security)
         self._scheduler = AsyncIOScheduler(timezone=UTC)
         self._scheduler.add_listener(
-            self._on_job_event, EVENT_JOB_MAX_INSTANCES | EVENT_JOB_MISSED | EVENT_JOB_ERROR
+            self._on_job_event,
+            EVENT_JOB_MAX_INSTANCES | EVENT_JOB_MISSED | EVENT_JOB_ERROR | EVENT_JOB_SUBMITTED,
         )
 
     def start(self) -> None:
@@ -59,16 +67,21 @@ class Scheduler:
 
     def reload(self, loaded: LoadedConfig) -> None:
         """Replace jobs whose check or service changed, remove the ones gone, add new ones.
-        Unchanged checks keep their jobs, their timing and their state."""
+        Unchanged checks keep their jobs, their timing and their state; a batch whose
+        members and shape are unchanged keeps its job (its members' thresholds may change:
+        it reads them at each run)."""
         old = self.engine.loaded
         self.engine.replace_config(loaded)
+        plan = self.engine.plan
         wanted: dict[str, tuple[Service, CheckSpec | None]] = {}
         for service in loaded.services.values():
             wanted[service_job_id(service.name)] = (service, None)
-            for spec in service.rules.check:
-                wanted[check_job_id(service.name, spec.name)] = (service, spec)
+        for service, spec in plan.singles:
+            wanted[check_job_id(service.name, spec.name)] = (service, spec)
         for job in self._scheduler.get_jobs():
-            if job.id not in wanted and job.id.startswith(("check:", "service:")):
+            if job.id.startswith(("check:", "service:", "batch:")) and not (
+                job.id in wanted or job.id in plan.batches
+            ):
                 job.remove()
         for job_id, (service, check) in wanted.items():
             before = old.services.get(service.name)
@@ -84,12 +97,18 @@ class Scheduler:
                 self._scheduler.modify_job(job_id, args=self._args(service, check))
             else:
                 self._add(service, check)
+        for batch in plan.batches.values():
+            if self._scheduler.get_job(batch.id) is None:
+                self._add_batch(batch)
 
     def _schedule_all(self, loaded: LoadedConfig) -> None:
+        plan = self.engine.plan
         for service in loaded.services.values():
             self._add(service, None)
-            for check in service.rules.check:
-                self._add(service, check)
+        for service, check in plan.singles:
+            self._add(service, check)
+        for batch in plan.batches.values():
+            self._add_batch(batch)
 
     def _args(self, service: Service, check: CheckSpec | None) -> list[Any]:
         return [service] if check is None else [service, check]
@@ -103,6 +122,18 @@ class Scheduler:
         else:
             interval = check.interval
             job_id, func = check_job_id(service.name, check.name), self._run_check
+        self._add_job(job_id, func, interval, self._args(service, check))
+
+    def _add_batch(self, batch: Batch) -> None:
+        self._add_job(batch.id, self._run_batch, batch.interval, [batch.id])
+
+    def _add_job(
+        self,
+        job_id: str,
+        func: Callable[..., Awaitable[None]],
+        interval: timedelta,
+        args: list[Any],
+    ) -> None:
         seconds = interval.total_seconds()
         # A jittered first run spreads thousands of checks over the interval instead of
         # sending them to Prometheus in one burst.
@@ -110,7 +141,7 @@ class Scheduler:
         self._scheduler.add_job(
             func,
             IntervalTrigger(seconds=seconds, timezone=UTC),
-            args=self._args(service, check),
+            args=args,
             id=job_id,
             name=job_id,
             replace_existing=True,
@@ -123,30 +154,59 @@ class Scheduler:
     async def _run_check(self, service: Service, check: CheckSpec) -> None:
         await self.engine.run_check(service, check, time.time())
 
+    async def _run_batch(self, batch_id: str) -> None:
+        batch = self.engine.plan.batches.get(batch_id)
+        if batch is not None:  # else a reload has just replaced it
+            await self.engine.run_batch(batch, time.time())
+
     async def _run_service(self, service: Service) -> None:
         now = time.time()
         await self.engine.observe_service(service, now)
         await self.engine.bake(service, now)
 
     def _on_job_event(self, event: JobEvent) -> None:
-        parts = event.job_id.split(":", 2)
-        if len(parts) != 3:
-            return
-        _, service, check = parts
+        kind = event.job_id.split(":", 1)[0]
         metrics = self.engine.metrics
+        if event.code == EVENT_JOB_SUBMITTED:
+            if kind in _KINDS and isinstance(event, JobSubmissionEvent):
+                due = max(event.scheduled_run_times, default=None)
+                if due is not None:
+                    late = (datetime.now(UTC) - due).total_seconds()
+                    metrics.start_delay.labels(kind).observe(max(late, 0.0))
+            return
+        checks = self._checks_of(event.job_id)
+        for service, check in checks:
+            if event.code == EVENT_JOB_MAX_INSTANCES:
+                metrics.overruns.labels(service, check).inc()
+            elif event.code == EVENT_JOB_MISSED:
+                metrics.missed.labels(service, check).inc()
+        if not checks:
+            return
+        where: dict[str, Any] = (
+            {"service": checks[0][0], "check": checks[0][1]}
+            if kind == "check"
+            else {"batch": event.job_id, "checks": len(checks)}
+        )
         if event.code == EVENT_JOB_MAX_INSTANCES:
-            metrics.overruns.labels(service, check).inc()
-            log.warning("check overran its interval", service=service, check=check)
+            log.warning("check overran its interval", **where)
         elif event.code == EVENT_JOB_MISSED:
-            metrics.missed.labels(service, check).inc()
-            log.warning("check evaluation missed", service=service, check=check)
+            log.warning("check evaluation missed", **where)
         elif event.code == EVENT_JOB_ERROR:
             log.error(
                 "check evaluation crashed",
-                service=service,
-                check=check,
+                **where,
                 error=repr(getattr(event, "exception", None)),
             )
+
+    def _checks_of(self, job_id: str) -> list[tuple[str, str]]:
+        """The (service, check) pairs a check or batch job evaluates."""
+        if job_id.startswith("batch:"):
+            batch = self.engine.plan.batches.get(job_id)
+            return [] if batch is None else [m.key for m in batch.members]
+        parts = job_id.split(":", 2)
+        if len(parts) != 3 or parts[0] != "check":
+            return []
+        return [(parts[1], parts[2])]
 
     def add_periodic(
         self, job_id: str, func: Callable[[], Awaitable[object]], seconds: float
