@@ -148,6 +148,7 @@ class Daemon:
             )
         # After the pipeline: its last events (rollback.failed) must still go out.
         await self.dispatcher.stop(timeout=5.0)
+        self.engine.versions.flush()  # last_seen is written in batches
         self.store.close()
 
     async def serve(self) -> None:
