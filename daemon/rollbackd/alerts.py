@@ -22,7 +22,7 @@ from datetime import UTC, datetime
 
 from rollbackd.loader import LoadedConfig
 from rollbackd.logs import get_logger
-from rollbackd.matchers import LabelMatcher, MatcherError, parse_matchers
+from rollbackd.matchers import LabelMatcher, parse_matchers
 from rollbackd.pipeline import Pipeline, Trigger, UnknownService
 from rollbackd.store import AlertDraft, JSONValue, StoredAlert, StoreError
 
@@ -53,21 +53,12 @@ class AlertRoute:
 
 
 def compile_routes(loaded: LoadedConfig) -> list[AlertRoute]:
-    """Every service's ``[[alert]]``, matchers parsed once. A mapping whose matchers cannot
-    be read is left out (it would match nothing) and logged."""
+    """Every service's ``[[alert]]``, matchers parsed once. The loader has already rejected
+    matchers that cannot be read (rules.AlertMapping), so parsing cannot fail here."""
     routes: list[AlertRoute] = []
     for service in loaded.services.values():
-        for index, mapping in enumerate(service.rules.alert, start=1):
-            try:
-                matchers = tuple(m for text in mapping.matchers for m in parse_matchers(text))
-            except MatcherError as exc:
-                log.error(
-                    "alert mapping ignored: its matchers cannot be used",
-                    service=service.name,
-                    mapping=f"alert[{index}]",
-                    error=str(exc),
-                )
-                continue
+        for mapping in service.rules.alert:
+            matchers = tuple(m for text in mapping.matchers for m in parse_matchers(text))
             routes.append(AlertRoute(service.name, mapping.alertname, matchers))
     return routes
 

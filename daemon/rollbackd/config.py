@@ -118,8 +118,6 @@ class Config(BaseSettings, Strict):
     guards: GuardsSection = GuardsSection()
     notify: list[Notifier] = Field(default_factory=list)
 
-    env_overrides: ClassVar[bool] = True
-
     @model_validator(mode="after")
     def _unique_notifier_names(self) -> Self:
         names = [n.name for n in self.notify]

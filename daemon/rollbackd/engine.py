@@ -36,7 +36,7 @@ from rollbackd.loader import LoadedConfig, Service
 from rollbackd.logs import get_logger
 from rollbackd.metrics import Metrics
 from rollbackd.prometheus import PrometheusClient, PrometheusError, QueryError
-from rollbackd.samples import Labels, QueryResult, Verdict
+from rollbackd.samples import QueryResult, Verdict
 from rollbackd.store import Store
 from rollbackd.versions import VersionTracker
 
@@ -612,4 +612,4 @@ def _outcome(exc: PrometheusError) -> str:
     return str(reason)
 
 
-__all__ = ["CheckEvaluation", "Engine", "Firing", "Labels"]
+__all__ = ["CheckEvaluation", "Engine", "Firing"]
