@@ -83,6 +83,7 @@ def webhook_answers(daemon: DaemonProcess, code: int) -> float:
     return float(found.group(1)) if found else 0.0
 
 
+@pytest.mark.faults
 def test_a_firing_alert_rolls_back_once_through_every_resend(
     tmp_path: Path,
     prometheus_factory: Callable[..., PrometheusServer],
@@ -156,6 +157,7 @@ def test_a_firing_alert_rolls_back_once_through_every_resend(
         assert httpx.get(f"{daemon.url}/readyz", timeout=5).status_code == 200
 
 
+@pytest.mark.faults
 def test_an_alertmanager_with_a_wrong_token_is_refused(
     tmp_path: Path, alertmanagers: Callable[..., AlertmanagerServer]
 ) -> None:

@@ -136,6 +136,7 @@ def test_the_route_list_is_complete(daemon: InProcessDaemon) -> None:
     [None, "Bearer wrong-token", f"Basic {TOKEN}", f"Bearer {TOKEN}x", f"bearer{TOKEN}", "Bearer"],
     ids=["missing", "wrong", "basic", "longer", "no-space", "empty"],
 )
+@pytest.mark.faults
 async def test_every_api_route_refuses_a_missing_or_wrong_token(
     daemon: InProcessDaemon, method: str, path: str, authorization: str | None
 ) -> None:
@@ -150,6 +151,7 @@ async def test_every_api_route_refuses_a_missing_or_wrong_token(
     assert daemon.store.paused() == set()
 
 
+@pytest.mark.faults
 async def test_the_token_is_checked_before_the_body_is_read(daemon: InProcessDaemon) -> None:
     async with daemon.client(token=None) as c:
         oversized = await c.post("/api/v1/rollbacks", content=b"x" * 100_000)
@@ -185,6 +187,7 @@ async def test_with_the_token_the_routes_answer(client: httpx.AsyncClient) -> No
 # -- the body limit, validation, malformed input ----------------------------------------------
 
 
+@pytest.mark.faults
 async def test_a_declared_body_over_the_limit_is_413(client: httpx.AsyncClient) -> None:
     response = await client.post(
         "/api/v1/alertmanager",
@@ -195,6 +198,7 @@ async def test_a_declared_body_over_the_limit_is_413(client: httpx.AsyncClient) 
     assert "8192 bytes" in response.json()["detail"]
 
 
+@pytest.mark.faults
 async def test_a_streamed_body_over_the_limit_is_413(client: httpx.AsyncClient) -> None:
     sent = 0
 
@@ -304,6 +308,7 @@ async def test_invalid_requests_get_422_naming_the_field(
     "content",
     [b"{", b"not json", b'{"version": "4",', b"\xff\xfe", b"[]", b"null", b'"4"'],
 )
+@pytest.mark.faults
 async def test_malformed_json_is_a_4xx_and_the_daemon_stays_up(
     client: httpx.AsyncClient, content: bytes
 ) -> None:
@@ -555,6 +560,7 @@ async def test_alerts_that_match_no_mapping_are_recorded_and_ignored(
     assert executions(log) == []
 
 
+@pytest.mark.faults
 async def test_labels_never_choose_the_service_or_the_version(
     client: httpx.AsyncClient, daemon: InProcessDaemon, log: Path
 ) -> None:
@@ -617,6 +623,7 @@ async def test_an_alert_that_fired_before_the_release_does_not_roll_it_back(
     assert daemon.store.rollbacks() == []
 
 
+@pytest.mark.faults
 async def test_a_store_failure_is_503_so_alertmanager_retries(
     client: httpx.AsyncClient, daemon: InProcessDaemon
 ) -> None:
@@ -628,6 +635,7 @@ async def test_a_store_failure_is_503_so_alertmanager_retries(
     assert (await client.get("/healthz")).status_code == 200
 
 
+@pytest.mark.faults
 async def test_an_alert_the_pipeline_could_not_record_is_handed_over_again(
     client: httpx.AsyncClient,
     daemon: InProcessDaemon,

@@ -43,6 +43,7 @@ def operations(daemon: DaemonProcess) -> list[tuple[str, str]]:
     ]
 
 
+@pytest.mark.faults
 def test_every_route_of_the_document_refuses_a_missing_or_wrong_token(
     daemon: DaemonProcess,
 ) -> None:
@@ -57,6 +58,7 @@ def test_every_route_of_the_document_refuses_a_missing_or_wrong_token(
     assert daemon.rows("SELECT count(*) FROM pauses") == [(0,)]
 
 
+@pytest.mark.faults
 def test_malformed_json_is_a_4xx_and_the_daemon_stays_up(daemon: DaemonProcess) -> None:
     with daemon.http() as http:
         for body in (b"{", b'{"version": "4", "alerts": [', b"\x00\xff", b"[" * 2000):
@@ -71,6 +73,7 @@ def test_malformed_json_is_a_4xx_and_the_daemon_stays_up(daemon: DaemonProcess) 
     daemon.assert_alive()
 
 
+@pytest.mark.faults
 def test_an_oversized_body_is_413_declared_or_streamed(daemon: DaemonProcess) -> None:
     with daemon.http() as http:
         declared = http.post("/api/v1/alertmanager", content=b" " * (MAX_BODY + 1))

@@ -18,7 +18,7 @@ from support.configs import write_config
 from support.daemon_process import TOKEN, DaemonProcess, InProcessDaemon, alert_service, set_mode
 from support.prometheus import PrometheusServer, prometheus_available
 
-pytestmark = pytest.mark.prometheus
+pytestmark = [pytest.mark.prometheus, pytest.mark.faults]
 
 
 @pytest.fixture(scope="module")

@@ -115,6 +115,7 @@ def breaches_of(daemon: Daemon, check: str) -> list[tuple[object, ...]]:
     )
 
 
+@pytest.mark.faults
 def test_notify_reload_and_stop(
     tmp_path: Path,
     prometheus_factory: Callable[..., PrometheusServer],
@@ -167,6 +168,7 @@ def test_notify_reload_and_stop(
         daemon.close()
 
 
+@pytest.mark.faults
 def test_sigterm_stops_a_running_rollback_after_the_grace_and_marks_it_interrupted(
     tmp_path: Path,
     prometheus_factory: Callable[..., PrometheusServer],

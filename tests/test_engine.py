@@ -283,6 +283,7 @@ async def test_relative_check_against_last_known_good_measured_before_the_releas
     assert m.baseline.source.startswith(f"last known good {dataset.CHECKOUT_V1}")
 
 
+@pytest.mark.faults
 async def test_hung_prometheus_gives_error_never_breach_and_goes_blind(
     tmp_path: Path, closing: list[Engine]
 ) -> None:
@@ -314,6 +315,7 @@ async def test_hung_prometheus_gives_error_never_breach_and_goes_blind(
     )
 
 
+@pytest.mark.faults
 async def test_stopped_prometheus_then_back(
     tmp_path: Path,
     prometheus_factory: object,

@@ -53,6 +53,7 @@ def serving(prometheus: PrometheusServer, version: str) -> None:
     )
 
 
+@pytest.mark.faults
 async def test_version_change_recorded_baked_and_surviving_restart(
     tmp_path: Path,
     prometheus_factory: Callable[..., PrometheusServer],

@@ -78,6 +78,7 @@ async def test_placeholders_substituted_in_each_argument() -> None:
     assert result.command[3:] == ("--service=checkout", "1.4.0..1.3.9", "rb-42", "true")
 
 
+@pytest.mark.faults
 async def test_hostile_reason_arrives_verbatim_as_one_argument(tmp_path: Path) -> None:
     argv = python("import json, sys; print(json.dumps(sys.argv[1:]))", "{reason}", "after")
     result = await spec(argv, cwd=str(tmp_path)).runner().run(context(reason=HOSTILE_REASON))
@@ -123,6 +124,7 @@ async def test_working_directory(tmp_path: Path) -> None:
     assert result.stdout_tail.strip() == str(tmp_path.resolve())
 
 
+@pytest.mark.faults
 @pytest.mark.parametrize("version", ["../../etc", "v1;rm", "1.0 && id", "$(id)", "a\nb"])
 async def test_unsafe_version_refused_and_nothing_run(tmp_path: Path, version: str) -> None:
     marker = tmp_path / "ran"
@@ -135,6 +137,7 @@ async def test_unsafe_version_refused_and_nothing_run(tmp_path: Path, version: s
     assert not marker.exists()
 
 
+@pytest.mark.faults
 async def test_unsafe_from_version_refused(tmp_path: Path) -> None:
     marker = tmp_path / "ran"
     result = await spec(["touch", str(marker)]).runner().run(context(from_version="../x"))
@@ -149,6 +152,7 @@ async def test_program_not_found() -> None:
     assert result.summary == "cannot run /nonexistent/deploy: No such file or directory"
 
 
+@pytest.mark.faults
 async def test_hanging_command_killed_at_timeout_with_its_grandchild() -> None:
     runner = spec(["sh", "-c", "sleep 1000 & echo $!; sleep 1000"], timeout="300ms").runner()
     result = await runner.run(context())

@@ -141,6 +141,7 @@ async def test_stdin_is_empty() -> None:
     assert result.stdout_tail == ""
 
 
+@pytest.mark.faults
 async def test_timeout_kills_the_whole_process_group() -> None:
     script = "sleep 1000 & echo $!; sleep 1000 & echo $!; wait"
     result = await run_process(["sh", "-c", script], env=ENV, timeout=0.5, kill_grace=5)
@@ -153,6 +154,7 @@ async def test_timeout_kills_the_whole_process_group() -> None:
         assert is_gone(pid), f"grandchild {pid} survived the timeout"
 
 
+@pytest.mark.faults
 async def test_sigterm_ignored_then_sigkilled() -> None:
     script = "trap '' TERM; sleep 1000 & echo $!; wait"
     result = await run_process(["sh", "-c", script], env=ENV, timeout=0.3, kill_grace=0.5)
@@ -162,6 +164,7 @@ async def test_sigterm_ignored_then_sigkilled() -> None:
     assert is_gone(grandchild)
 
 
+@pytest.mark.faults
 async def test_grandchild_holding_pipes_after_timeout_cannot_hang_us() -> None:
     # The leader dies on SIGTERM; its child ignores SIGTERM and keeps stdout open.
     script = "(trap '' TERM; sleep 1000) & echo $!; sleep 1000"
@@ -171,6 +174,7 @@ async def test_grandchild_holding_pipes_after_timeout_cannot_hang_us() -> None:
     assert is_gone(background)
 
 
+@pytest.mark.faults
 async def test_background_process_left_after_normal_exit_does_not_hang_us(
     leftovers: list[int],
 ) -> None:
@@ -186,6 +190,7 @@ async def test_background_process_left_after_normal_exit_does_not_hang_us(
     assert not is_gone(background)
 
 
+@pytest.mark.faults
 async def test_output_flood_keeps_only_a_bounded_tail() -> None:
     code = (
         "import sys\n"
@@ -212,6 +217,7 @@ async def test_tail_cut_inside_a_character_still_decodes() -> None:
     assert result.stdout_tail.endswith("éééé")
 
 
+@pytest.mark.faults
 async def test_cancellation_kills_the_process_group(tmp_path: Path) -> None:
     written = tmp_path / "pids"
     script = 'sleep 1000 & echo $$ $! > "$1.tmp" && mv "$1.tmp" "$1"; wait'
@@ -231,6 +237,7 @@ async def test_cancellation_kills_the_process_group(tmp_path: Path) -> None:
     assert wait_gone(grandchild)
 
 
+@pytest.mark.faults
 async def test_nul_byte_in_argument_is_an_error_not_an_exception() -> None:
     result = await run_process(["echo", "a\0b"], env=ENV, timeout=10)
     assert not result.ok

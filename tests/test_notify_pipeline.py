@@ -125,6 +125,7 @@ def webhook(name: str, url: str) -> str:
     )
 
 
+@pytest.mark.faults
 async def test_a_hung_notifier_does_not_delay_a_rollback(
     tmp_path: Path, made: list[Daemonish]
 ) -> None:

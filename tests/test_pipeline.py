@@ -139,6 +139,7 @@ async def test_bad_release_rolled_back_once_to_the_last_known_good(make: type[Se
     assert bad is not None and bad.bad
 
 
+@pytest.mark.faults
 async def test_failing_first_executor_falls_back_to_the_second(make: type[Setup]) -> None:
     s = make(recorder(Path("LOG"), "--fail") + recorder(Path("LOG")))
     s.release("1.0.0")
@@ -156,6 +157,7 @@ async def test_failing_first_executor_falls_back_to_the_second(make: type[Setup]
     assert len(s.runs()) == 2
 
 
+@pytest.mark.faults
 async def test_all_executors_failing_freezes_the_service(make: type[Setup]) -> None:
     s = make(recorder(Path("LOG"), "--fail"))
     s.release("1.0.0")
@@ -284,6 +286,7 @@ async def test_pause_stops_automatic_rollbacks(make: type[Setup]) -> None:
     await s.pipeline.wait_idle()
 
 
+@pytest.mark.faults
 async def test_unsafe_manual_target_is_never_run(make: type[Setup]) -> None:
     s = make(recorder(Path("LOG")))
     s.release("2.0.0", bake=False)

@@ -247,6 +247,7 @@ def test_eight_threads_share_one_client(client: PrometheusClient) -> None:
 # --- a Prometheus that stops and comes back -------------------------------------------
 
 
+@pytest.mark.faults
 @pytest.mark.prometheus
 def test_stopped_prometheus_then_restarted(prometheus_factory: PrometheusFactory) -> None:
     server = prometheus_factory()
@@ -266,6 +267,7 @@ def test_stopped_prometheus_then_restarted(prometheus_factory: PrometheusFactory
 # --- hostile servers ------------------------------------------------------------------
 
 
+@pytest.mark.faults
 def test_hung_server_times_out() -> None:
     with HungServer() as hung:
         client = client_for(hung.url, timeout="0.5s")
@@ -276,6 +278,7 @@ def test_hung_server_times_out() -> None:
         assert not client.ready(timeout=0.2)
 
 
+@pytest.mark.faults
 def test_closed_port_is_connect() -> None:
     with closed_port() as url:
         error = unavailable(client_for(url, timeout="0.6s"))
@@ -284,6 +287,7 @@ def test_closed_port_is_connect() -> None:
     assert error.attempts > 1  # retried until the deadline
 
 
+@pytest.mark.faults
 def test_hang_up_without_answer_is_connect() -> None:
     with RecordingServer(always(CLOSE)) as server:
         error = unavailable(client_for(server.url, timeout="0.3s"))
@@ -291,6 +295,7 @@ def test_hang_up_without_answer_is_connect() -> None:
     assert error.attempts == server.count
 
 
+@pytest.mark.faults
 def test_503_while_starting_is_retried_then_unavailable() -> None:
     with RecordingServer(always(STARTING)) as server:
         client = client_for(server.url, timeout="1s")
@@ -305,6 +310,7 @@ def test_503_while_starting_is_retried_then_unavailable() -> None:
     assert str(error).endswith(f"(gave up after {error.attempts} attempts)")
 
 
+@pytest.mark.faults
 def test_503_twice_then_success() -> None:
     with RecordingServer(in_turn(STARTING, STARTING, ONE)) as server:
         result = client_for(server.url, timeout="5s").query("up")
@@ -322,6 +328,7 @@ def test_503_twice_then_success() -> None:
         (Reply(429, b"slow down", "text/plain"), "throttled"),
     ],
 )
+@pytest.mark.faults
 def test_transient_statuses(reply: Reply, reason: str) -> None:
     with RecordingServer(always(reply)) as server:
         error = unavailable(client_for(server.url, timeout="0.3s"))
@@ -345,6 +352,7 @@ def test_transient_statuses(reply: Reply, reason: str) -> None:
         success([AT, "1", "extra"]),
     ],
 )
+@pytest.mark.faults
 def test_garbage_is_bad_response(reply: Reply) -> None:
     with RecordingServer(always(reply)) as server:
         error = unavailable(client_for(server.url, timeout="0.3s"))
@@ -361,6 +369,7 @@ def test_garbage_is_bad_response(reply: Reply) -> None:
         (Reply(404, b"404 page not found", "text/plain"), "http_404"),
     ],
 )
+@pytest.mark.faults
 def test_rejections_are_not_retried(reply: Reply, error_type: str) -> None:
     with RecordingServer(always(reply)) as server:
         with pytest.raises(QueryError) as caught:

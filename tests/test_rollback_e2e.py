@@ -217,6 +217,7 @@ async def test_bad_canary_is_aborted_without_a_full_rollback(
     assert canary.version == "1.0.0"
 
 
+@pytest.mark.faults
 async def test_verification_failure_freezes_the_service(
     tmp_path: Path,
     prometheus_factory: Callable[..., PrometheusServer],

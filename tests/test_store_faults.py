@@ -9,8 +9,10 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -20,6 +22,9 @@ from rollbackd.pipeline import Pipeline, Trigger
 from rollbackd.prometheus import PrometheusClient
 from rollbackd.store import Store
 from support.configs import write_config
+from support.daemon_process import DaemonProcess, alert_service, executions
+
+pytestmark = pytest.mark.faults
 
 RECORD = str(Path(__file__).parent / "support" / "record_run.py")
 
@@ -67,6 +72,32 @@ def trigger() -> Trigger:
     )
 
 
+def webhook_payload(alertname: str, fingerprint: str) -> dict[str, Any]:
+    """One firing alert, delivered as Alertmanager delivers it."""
+    return {
+        "version": "4",
+        "receiver": "rollbackd",
+        "status": "firing",
+        "alerts": [
+            {
+                "status": "firing",
+                "labels": {"alertname": alertname},
+                "annotations": {},
+                "startsAt": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "endsAt": "0001-01-01T00:00:00Z",
+                "generatorURL": "",
+                "fingerprint": fingerprint,
+            }
+        ],
+        "groupLabels": {},
+        "commonLabels": {},
+        "commonAnnotations": {},
+        "externalURL": "http://alertmanager.test",
+        "groupKey": "{}:{}",
+        "truncatedAlerts": 0,
+    }
+
+
 def fill(directory: Path) -> None:
     with (directory / "ballast").open("wb") as handle, contextlib.suppress(OSError):
         while True:
@@ -102,3 +133,46 @@ def test_read_only_state_directory_refuses_to_start(tiny_fs: Path, tmp_path: Pat
     assert result.returncode == 1
     assert "rollbackd: cannot open the state store: state database" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_running_daemon_acknowledges_nothing_it_could_not_store(
+    tiny_fs: Path, tmp_path: Path
+) -> None:
+    """`rollbackd run` with its state on a 1 MiB filesystem that fills up under it: the
+    webhook answers 503 (so Alertmanager retries), nothing runs, the daemon says so and stays
+    up; once there is room again the same delivery, re-sent, is stored and rolls the service
+    back once."""
+    log = tmp_path / "runs.jsonl"
+    config = write_config(
+        tmp_path,
+        "http://127.0.0.1:9",
+        {"web": alert_service("web", log, alertname="WebDown", target=False)},
+    )
+    daemon = DaemonProcess(config)
+    assert daemon.state_dir == tiny_fs
+    delivery = webhook_payload("WebDown", "00000000000000aa")
+    with daemon, daemon.http() as api:
+        fill(tiny_fs)
+        full = api.post("/api/v1/alertmanager", json=delivery)
+        assert full.status_code == 503, full.text
+        assert full.json()["detail"].startswith("alerts not stored, retry: state database")
+        assert "disk is full" in full.json()["detail"]
+        assert api.get("/healthz").status_code == 200  # up, and saying why it cannot act
+        ready = api.get("/readyz")
+        assert ready.status_code == 503
+        store = ready.json()["checks"]["store"]
+        assert store["ok"] is False and "disk is full" in store["detail"]
+        assert executions(log) == []
+
+        # Room again. (Read-only under a running daemon cannot be staged: the kernel refuses
+        # to remount a filesystem read-only while the database is open for writing.)
+        (tiny_fs / "ballast").unlink()
+        assert api.get("/readyz").json()["checks"]["store"]["ok"] is True
+        retried = api.post("/api/v1/alertmanager", json=delivery)
+        assert retried.status_code == 200, retried.text
+        [answer] = retried.json()["alerts"]
+        assert answer["new"] is True
+        daemon.await_rows("SELECT id FROM rollbacks WHERE state = 'succeeded'")
+        assert len(executions(log)) == 1
+        assert daemon.rows("SELECT count(*) FROM alerts") == [(1,)]
+    assert "alerts not stored: Alertmanager will retry" in daemon.log.read_text()

@@ -480,7 +480,10 @@ def create_app(
             ),
             "store": ReadyCheckOut(
                 ok=writable,
-                detail=f"{store.path} is writable" if writable else f"cannot write {store.path}",
+                detail=f"{store.path} is writable"
+                if writable
+                else f"cannot write {store.path}"
+                + (f": {store.write_failure}" if store.write_failure else ""),
             ),
             "prometheus": ReadyCheckOut(
                 ok=reached,

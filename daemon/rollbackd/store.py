@@ -30,6 +30,7 @@ Times are UTC unix seconds (floats), passed in by the caller; nothing here reads
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import sqlite3
@@ -463,6 +464,8 @@ class Store:
         self._path = path
         self._lock = threading.Lock()
         self._conn: sqlite3.Connection | None = _open(path)
+        self._write_failure: str | None = None
+        """Why the last write failed (disk full, I/O error), until a write succeeds."""
 
     @property
     def path(self) -> Path:
@@ -498,23 +501,43 @@ class Store:
             return int(conn.execute("PRAGMA user_version").fetchone()[0])
 
     def writable(self, timeout: float = 1.0) -> bool:
-        """A cheap readiness probe: can a write transaction start now? False when the
-        store is closed, read-only or failing, busy in this process past ``timeout``, or
+        """A cheap readiness probe: can a write transaction start now, and, if the last
+        write failed, does a real write succeed again? False when the store is closed,
+        read-only, full or failing, busy in this process past ``timeout``, or
         write-locked by another process past the busy timeout."""
         if not self._lock.acquire(timeout=timeout):
             return False
         try:
-            if self._conn is None:
+            conn = self._conn
+            if conn is None:
                 return False
-            # BEGIN IMMEDIATE takes the write lock without writing, so it proves the file
-            # is writable and not held by another process, at no fsync.
-            self._conn.execute("BEGIN IMMEDIATE")
-            self._conn.execute("ROLLBACK")
-            return True
-        except sqlite3.Error:
-            return False
+            try:
+                # BEGIN IMMEDIATE takes the write lock without writing, so it proves the
+                # file is writable and not held by another process, at no fsync.
+                conn.execute("BEGIN IMMEDIATE")
+                if self._write_failure is None:
+                    conn.execute("ROLLBACK")
+                    return True
+                # The lock does not prove there is room: after a failed write only a
+                # committed write does. Rewriting the header's user_version unchanged is
+                # the smallest one there is.
+                version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+                conn.execute(f"PRAGMA user_version = {version}")
+                conn.execute("COMMIT")
+                self._write_failure = None
+                return True
+            except sqlite3.Error:
+                if conn.in_transaction:
+                    with contextlib.suppress(sqlite3.Error):
+                        conn.execute("ROLLBACK")
+                return False
         finally:
             self._lock.release()
+
+    @property
+    def write_failure(self) -> str | None:
+        """Why the last write failed, or None once a write (or ``writable``) succeeds."""
+        return self._write_failure
 
     # Versions and release history
 
@@ -1159,8 +1182,13 @@ class Store:
                 finally:
                     if conn.in_transaction:
                         conn.execute("ROLLBACK")
-            except sqlite3.Error as error:
+            except sqlite3.IntegrityError as error:
+                # A constraint said no: the database works, the write was refused.
                 raise StoreError(f"state database {self._path}: {error}") from error
+            except sqlite3.Error as error:
+                self._write_failure = str(error)
+                raise StoreError(f"state database {self._path}: {error}") from error
+            self._write_failure = None
 
 
 def _open(path: Path) -> sqlite3.Connection:
