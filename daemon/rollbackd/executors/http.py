@@ -39,7 +39,11 @@ class HttpExecutor(ExecutorSpec):
     url: str = Field(min_length=1)
     method: Literal["GET", "POST", "PUT", "PATCH", "DELETE"] = "POST"
     headers: dict[str, str] = Field(default_factory=dict)
-    body: str | None = Field(default=None, description="placeholders are JSON-escaped")
+    body: str | None = Field(
+        default=None,
+        description="placeholders are JSON-escaped in a JSON body, percent-encoded in a form "
+        "(application/x-www-form-urlencoded) body, verbatim otherwise",
+    )
     expect_status: list[int] = Field(
         default_factory=list, description="statuses that mean success; default any 2xx"
     )
@@ -123,11 +127,19 @@ def redact_url(url: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
+def _content_type(headers: Mapping[str, str]) -> str:
+    return next((value for name, value in headers.items() if name.lower() == "content-type"), "")
+
+
 def _looks_like_json(body: str, headers: Mapping[str, str]) -> bool:
-    content_type = next(
-        (value for name, value in headers.items() if name.lower() == "content-type"), ""
-    )
-    return "json" in content_type.lower() or body.lstrip().startswith(("{", "["))
+    return "json" in _content_type(headers).lower() or body.lstrip().startswith(("{", "["))
+
+
+def _is_form(headers: Mapping[str, str]) -> bool:
+    """A form body (``a=1&b=2``): its values are percent-encoded like the URL's, so an
+    ``&version=...`` in a reason cannot add or override a field."""
+    media_type = _content_type(headers).split(";", 1)[0].strip().lower()
+    return media_type == "application/x-www-form-urlencoded"
 
 
 class HttpRun(Executor[HttpExecutor]):
@@ -154,8 +166,9 @@ class HttpRun(Executor[HttpExecutor]):
             return StepResult(ok=False, summary=f"refused: {exc}; nothing was sent")
         values = context.placeholders()
         # Each value is quoted whole: a reason holding "/", "?", "&" or "#" cannot change
-        # which path or parameter the URL names.
-        url = substitute(spec.url, {key: quote(value, safe="") for key, value in values.items()})
+        # which path or parameter the URL (or a form body) names.
+        quoted = {key: quote(value, safe="") for key, value in values.items()}
+        url = substitute(spec.url, quoted)
         command = (spec.method, redact_url(url))
 
         def failed(summary: str, *, timed_out: bool = False, body: str = "") -> StepResult:
@@ -177,7 +190,9 @@ class HttpRun(Executor[HttpExecutor]):
         ]
         content: bytes | None = None
         if spec.body is not None:
-            if _looks_like_json(spec.body, spec.headers):
+            if _is_form(spec.headers):
+                content = substitute(spec.body, quoted).encode("utf-8")
+            elif _looks_like_json(spec.body, spec.headers):
                 content = substitute_json(spec.body, values).encode("utf-8")
                 if not _has_header(headers, b"content-type"):
                     headers.append((b"Content-Type", b"application/json"))
