@@ -990,3 +990,67 @@ def test_the_api_and_versions_py_refuse_the_same_versions() -> None:
     executor's own check) must agree: one pattern, and every hostile version here fails it."""
     assert f"^{VERSION_PATTERN.pattern}$" == API_VERSION_PATTERN
     assert not any(is_valid_version(v) for v in (*HOSTILE_VERSIONS, *PROMETHEUS_VERSIONS))
+
+
+async def test_a_hostile_version_beside_a_canary_never_names_the_stable_track(
+    tmp_path: Path,
+) -> None:
+    """The stable track of a canary is named from what version_query answers; a label that
+    is no valid version must not become it (it would reach check reasons, and {reason}),
+    and a broken exporter's bad label is logged once, not every poll."""
+    from structlog.testing import capture_logs
+
+    from rollbackd.engine import Engine
+    from rollbackd.loader import load
+    from rollbackd.prometheus import PrometheusClient
+    from rollbackd.store import Store
+    from support.hostile_http import success
+
+    hostile = "1.0.0\n$(touch CANARY)"
+
+    def prometheus(request: Recorded, _n: int) -> Reply:
+        query = request.param("query") or parse_qs(request.body.decode()).get("query", [""])[0]
+        if "app_build_info" in query:
+            return success(
+                [
+                    {"metric": {"version": "2.0.0"}, "value": [1000, "1"]},
+                    {"metric": {"version": hostile}, "value": [1000, "1"]},
+                ]
+            )
+        return success([{"metric": {}, "value": [1000, "1"]}])  # the canary is active
+
+    rules = """
+[service]
+name = "web"
+version_query = 'max by (version) (app_build_info{service="web"})'
+version_label = "version"
+[canary]
+active_query = 'vector(1)'
+abort = [{ type = "command", argv = ["/bin/true"] }]
+[[rollback]]
+type = "command"
+argv = ["/bin/true"]
+[[check]]
+name = "errors"
+type = "error_rate"
+errors = 'code="500"'
+above = 0.1
+"""
+    with RecordingServer(prometheus) as server:
+        loaded = load(write_config(tmp_path, server.url, {"web": rules}))
+        store = Store(tmp_path / "state.db")
+        engine = Engine(loaded, PrometheusClient(loaded.config.prometheus), store)
+        try:
+            service = loaded.services["web"]
+            with capture_logs() as logs:
+                for at in (1000.0, 1001.0, 1002.0):
+                    await engine.observe_service(service, at)
+            assert engine.canary_active("web")
+            assert engine.versions.current("web") == "2.0.0"
+            scope = await engine._scope(service, service.rules.check[0], 1003.0)
+            assert scope.stable_version is None
+            rejected = [e for e in logs if e["event"] == "version label rejected"]
+            assert len(rejected) == 1 and "\n" not in rejected[0]["reason"]
+        finally:
+            store.close()
+            engine.client.close()

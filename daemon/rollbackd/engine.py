@@ -38,7 +38,7 @@ from rollbackd.metrics import Metrics
 from rollbackd.prometheus import PrometheusClient, PrometheusError, QueryError
 from rollbackd.samples import QueryResult, Verdict
 from rollbackd.store import Store
-from rollbackd.versions import VersionTracker
+from rollbackd.versions import VersionTracker, is_valid_version
 
 log = get_logger("rollbackd.engine")
 
@@ -81,6 +81,9 @@ class CheckEvaluation:
         return max((m.verdict for m in self.measurements), key=_VERDICT_RANK.__getitem__)
 
 
+REJECTED_LOGGED_LIMIT = 64
+
+
 @dataclass
 class _ServiceView:
     """What the engine last learnt about a service: its canary, its baselines."""
@@ -91,7 +94,10 @@ class _ServiceView:
     last_values: dict[str, float] = field(default_factory=dict)
     """check -> its last value for the current version, recorded as the baseline at bake."""
     running: tuple[str, ...] = ()
-    """Every version version_query answered last time (a canary runs two)."""
+    """Every valid version version_query answered last time (a canary runs two)."""
+    rejected_logged: set[str] = field(default_factory=set)
+    """Rejected version labels already logged: a broken exporter is reported once per
+    value, not once per poll."""
 
 
 def _dt(at: float) -> datetime:
@@ -220,10 +226,17 @@ class Engine:
         label = service.rules.service.version_query_label
         seen = self.versions.observe(service.name, list(result.samples), label, now)
         view = self._views.setdefault(service.name, _ServiceView())
+        # Only valid versions: the stable track named from here reaches check reasons,
+        # and through them {reason}.
         view.running = tuple(
-            sorted({v for s in result.samples if (v := s.label(label)) is not None})
+            sorted({v for s in result.samples if (v := s.label(label)) and is_valid_version(v)})
         )
         for reason in seen.rejected:
+            if reason in view.rejected_logged:
+                continue
+            if len(view.rejected_logged) >= REJECTED_LOGGED_LIMIT:
+                view.rejected_logged.clear()  # bounded: a churning exporter logs again
+            view.rejected_logged.add(reason)
             log.warning("version label rejected", service=service.name, reason=reason)
         if not seen.changed or seen.current is None:
             return
