@@ -105,3 +105,8 @@ def test_the_reason_is_one_short_line() -> None:
     assert "\n" not in hostile and "\x00" not in hostile
     assert len(hostile) == 300 and hostile.endswith("...")
     assert one_line("  a \r\n b  ") == "a b"
+    # C1 controls, line and paragraph separators, zero-width and bidirectional characters
+    # would break a line or disguise what a terminal shows.
+    invisible = "a\x85b\x9bc\u2028d\u2029e\u200bf\u202eg\u2066h\ufeffi"
+    assert one_line(invisible) == "a b c d e f g h i"
+    assert one_line("café ünïcode 日本") == "café ünïcode 日本"

@@ -58,8 +58,9 @@ CANARY = f"CANARY-{HEX}"
 ESCAPE = f"../../../../tmp/escape-{HEX}"
 PLACEHOLDER = re.compile(r"\{(service|from_version|to_version|reason|rollback_id|canary)\}")
 ALL_PLACEHOLDERS = "{service}|{from_version}|{to_version}|{reason}|{rollback_id}|{canary}"
-NOT_IN_A_REASON = re.compile("[\x00-\x1f\x7f\x85\u2028\u2029]")
-"""Control characters and what splitlines() takes for a line break."""
+NOT_IN_A_REASON = re.compile("[\x00-\x1f\x7f-\x9f\u200b-\u200f\u2028-\u202e\u2060-\u206f\ufeff]")
+"""Control characters, what splitlines() takes for a line break, zero-width and
+bidirectional characters."""
 DEFAULT_MAX_BODY = 1_048_576
 """``[server].max_body``'s default (config.ServerSection)."""
 HUGE = 200_000
@@ -157,7 +158,15 @@ VARIANTS = (
         {"huge": _huge(f"A; touch {CANARY} "), "version": _huge("../")},
         {"description": _huge(f"\n touch {CANARY} $(x)\r\n")},
     ),
-    Variant("unicode", {}, {"summary": UNICODE}, exact_reason=f"alert HostileUnicode: {UNICODE}"),
+    Variant(
+        "unicode",
+        {},
+        {"summary": UNICODE},
+        # Letters, marks and emoji stay; zero-width and bidirectional characters become
+        # spaces (they could disguise what a terminal shows).
+        exact_reason="alert HostileUnicode: 回滚 ✓ 🚀 café e\u0301 evil zero width ﷽ Ω≈ç√ "
+        "𝔘𝔫𝔦𝔠𝔬𝔡𝔢 ١٢٣ ＄（touch）",
+    ),
 )
 
 

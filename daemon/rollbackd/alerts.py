@@ -28,7 +28,10 @@ from rollbackd.store import AlertDraft, JSONValue, StoredAlert, StoreError
 
 log = get_logger("rollbackd.alerts")
 
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]+")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u200b-\u200f\u2028-\u202e\u2060-\u206f\ufeff]+")
+"""What an alert's text may not carry into a reason: C0 and C1 controls, and the invisible
+Unicode that breaks lines (U+2028, U+2029) or disguises what a terminal shows (zero-width
+characters, bidirectional overrides)."""
 REASON_LIMIT = 300
 """Characters of an alert's text kept in a rollback's reason: it reaches executors as
 ``{reason}``, so outside text is kept short and on one line."""
