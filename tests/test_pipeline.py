@@ -226,6 +226,7 @@ async def test_approve_mode_waits_for_a_person(make: type[Setup]) -> None:
     assert pending.outcome == "pending_approval"
     assert s.runs() == []
     assert (await s.pipeline.submit(s.trigger())).outcome == "joined"
+    s.pipeline.clock = lambda: s.now  # the triggers' time: the approval is in time
     approved = await s.pipeline.approve(pending.rollback.id, "alice")  # type: ignore[union-attr]
     assert approved.decided_by == "alice"
     await s.pipeline.wait_idle()
@@ -254,6 +255,25 @@ async def test_reject_and_expiry(make: type[Setup]) -> None:
     [expired] = await s.pipeline.expire_pending()
     assert expired.state is RollbackState.EXPIRED
     assert s.runs() == []
+
+
+async def test_an_approval_after_the_deadline_is_refused_before_the_sweep(
+    make: type[Setup],
+) -> None:
+    s = make(recorder(Path("LOG")), mode="approve")
+    s.release("1.0.0")
+    s.release("2.0.0", bake=False)
+    pending = await s.pipeline.submit(s.trigger())
+    assert pending.rollback is not None and pending.rollback.expires_at is not None
+    deadline = pending.rollback.expires_at
+    s.pipeline.clock = lambda: deadline  # the sweep has not run yet
+    with pytest.raises(ConflictError, match=f"rollback {pending.rollback.id} is expired"):
+        await s.pipeline.approve(pending.rollback.id, "alice")
+    await s.pipeline.wait_idle()
+    assert s.runs() == []
+    done = s.store.rollback(pending.rollback.id)
+    assert done is not None and done.state is RollbackState.EXPIRED
+    assert s.events()[-1] == "rollback.expired"
 
 
 async def test_dry_run_records_and_announces_without_executing(make: type[Setup]) -> None:

@@ -159,6 +159,13 @@ class Pipeline:
         rollback = self._require(rollback_id)
         async with self._lock(rollback.service):
             now = self.clock()
+            current = self._require(rollback_id)
+            if current.state is RollbackState.PENDING and _expired(current, now):
+                # The sweep runs every few seconds; an approval past the deadline in
+                # between must not run what nobody decided on in time.
+                expired = self._expire(current, now)
+                state = expired.state if expired is not None else "decided meanwhile"
+                raise ConflictError(f"rollback {rollback_id} is {state}, not pending")
             running = self.store.set_rollback_state(
                 rollback_id,
                 RollbackState.RUNNING,
@@ -188,20 +195,26 @@ class Pipeline:
         now = self.clock()
         expired = []
         for rollback in self.store.rollbacks(states=[RollbackState.PENDING], limit=1000):
-            if rollback.expires_at is not None and rollback.expires_at <= now:
-                try:
-                    done = self.store.set_rollback_state(
-                        rollback.id,
-                        RollbackState.EXPIRED,
-                        now,
-                        expected=[RollbackState.PENDING],
-                        outcome="no decision before the approval timeout",
-                    )
-                except ConflictError:
-                    continue  # decided meanwhile
-                self._publish("rollback.expired", done, {})
-                expired.append(done)
+            if _expired(rollback, now):
+                done = self._expire(rollback, now)
+                if done is not None:
+                    expired.append(done)
         return expired
+
+    def _expire(self, rollback: Rollback, now: float) -> Rollback | None:
+        """Mark one pending rollback expired; None if it was decided meanwhile."""
+        try:
+            done = self.store.set_rollback_state(
+                rollback.id,
+                RollbackState.EXPIRED,
+                now,
+                expected=[RollbackState.PENDING],
+                outcome="no decision before the approval timeout",
+            )
+        except ConflictError:
+            return None
+        self._publish("rollback.expired", done, {})
+        return done
 
     async def recover(self) -> list[Rollback]:
         """At start-up: rollbacks found running or verifying were interrupted by a crash or
@@ -623,3 +636,7 @@ def _runner(spec: ExecutorSpec) -> Executor[Any]:
 
 
 __all__ = ["Mode", "Pipeline", "Submission", "Trigger", "UnknownService"]
+
+
+def _expired(rollback: Rollback, now: float) -> bool:
+    return rollback.expires_at is not None and rollback.expires_at <= now
