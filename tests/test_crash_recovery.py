@@ -1,5 +1,7 @@
-"""A daemon killed with SIGKILL while an executor runs: after restart the executor is not
-run again, and the record is complete. Run as a user runs it: `rollbackd run` processes."""
+"""The daemon killed with SIGKILL in each state of a rollback (waiting for approval, its
+executor running, verifying): after a restart no executor runs twice, the record is
+complete, and approvals still pending survive (or expire if their time ran out while the
+daemon was down). Run as a user runs it: `rollbackd run` processes."""
 
 from __future__ import annotations
 
@@ -7,24 +9,38 @@ import contextlib
 import json
 import os
 import signal
-import sqlite3
-import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from support.configs import write_config
+from support.daemon_process import (
+    TOKEN,
+    TOKEN_ENV,
+    DaemonProcess,
+    alert_service,
+    run_cli,
+    set_mode,
+)
 from support.fake_service import FakeService
 from support.prometheus import PrometheusServer, ScrapeTarget, poll
 
-pytestmark = pytest.mark.prometheus
+pytestmark = [pytest.mark.prometheus, pytest.mark.faults]
 
 DEPLOY = str(Path(__file__).parent / "support" / "deploy.py")
 
 
-def rules(control: str, log: Path, *flags: str) -> str:
+def rules(
+    control: str,
+    log: Path,
+    *flags: str,
+    verify_window: str = "2s",
+    version_timeout: str = "10s",
+) -> str:
     argv = [sys.executable, DEPLOY, control, "{to_version}", "--log", str(log), *flags]
     return f"""
 [service]
@@ -39,8 +55,8 @@ argv = {json.dumps(argv)}
 timeout = "10m"
 
 [verify]
-window = "2s"
-version_timeout = "10s"
+window = "{verify_window}"
+version_timeout = "{version_timeout}"
 
 [[check]]
 name = "errors"
@@ -54,59 +70,13 @@ interval = "1s"
 """
 
 
-class Daemon:
-    def __init__(self, config: Path) -> None:
-        self.config = config
-        self.db = config.parent / "state" / "state.db"
-        self.process: subprocess.Popen[bytes] | None = None
-        self.starts = 0
-
-    def start(self) -> None:
-        self.starts += 1
-        log = (self.config.parent / f"daemon-{self.starts}.log").open("wb")
-        env = {**os.environ, "ROLLBACKD_TEST_TOKEN": "t"}
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "rollbackd", "run", "-c", str(self.config)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=env,
-        )
+class Daemon(DaemonProcess):
+    """``rollbackd run`` as a process (its API listening), killed without warning."""
 
     def kill(self) -> None:
         assert self.process is not None
         self.process.send_signal(signal.SIGKILL)
         self.process.wait(timeout=10)
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-
-    def rows(self, sql: str, *params: object) -> list[tuple[object, ...]]:
-        if not self.db.exists():
-            return []
-        with sqlite3.connect(f"file:{self.db}?mode=ro", uri=True, timeout=5) as conn:
-            try:
-                return list(conn.execute(sql, params))
-            except sqlite3.OperationalError:
-                return []  # not migrated yet
-
-    def await_rows(
-        self, sql: str, *params: object, timeout: float = 40.0
-    ) -> list[tuple[object, ...]]:
-        found: list[tuple[object, ...]] = []
-
-        def ready() -> bool:
-            nonlocal found
-            assert self.process is not None and self.process.poll() is None, "daemon died"
-            found = self.rows(sql, *params)
-            return bool(found)
-
-        poll(ready, timeout=timeout, interval=0.1)
-        return found
 
 
 @pytest.fixture
@@ -119,7 +89,7 @@ def runs() -> Iterator[list[int]]:
             os.killpg(pid, signal.SIGKILL)
 
 
-def executions(log: Path) -> list[dict[str, object]]:
+def executions(log: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
 
 
@@ -128,6 +98,7 @@ def scenario(
     prometheus_factory: Callable[..., PrometheusServer],
     fake_service: FakeService,
     *flags: str,
+    **verify: str,
 ) -> tuple[Daemon, Path]:
     """Start the daemon on a healthy 1.0.0, let it bake, release a bad 2.0.0, and wait until
     the rollback's executor has started."""
@@ -135,7 +106,9 @@ def scenario(
     prometheus.wait_for('app_build_info{service="checkout", version="1.0.0"}')
     log = tmp_path / "deploys.jsonl"
     config = write_config(
-        tmp_path, prometheus.url, {"checkout": rules(f"{fake_service.url}/control", log, *flags)}
+        tmp_path,
+        prometheus.url,
+        {"checkout": rules(f"{fake_service.url}/control", log, *flags, **verify)},
     )
     daemon = Daemon(config)
     daemon.start()
@@ -152,10 +125,13 @@ async def test_sigkill_while_the_executor_runs_never_runs_it_again(
     fake_service: FakeService,
     runs: list[int],
 ) -> None:
-    daemon, log = scenario(tmp_path, prometheus_factory, fake_service, "--hang")
+    # The version never comes back: recovery gives up after version_timeout.
+    daemon, log = scenario(
+        tmp_path, prometheus_factory, fake_service, "--hang", version_timeout="3s"
+    )
     try:
         [executed] = executions(log)
-        runs.append(int(executed["pid"]))  # type: ignore[arg-type]
+        runs.append(int(executed["pid"]))
         daemon.kill()
         [(state,)] = daemon.rows("SELECT state FROM rollbacks")
         assert state == "running"
@@ -200,7 +176,7 @@ async def test_sigkill_after_the_switch_verifies_instead_of_rerunning(
     daemon, log = scenario(tmp_path, prometheus_factory, fake_service, "--hang-after")
     try:
         [executed] = executions(log)
-        runs.append(int(executed["pid"]))  # type: ignore[arg-type]
+        runs.append(int(executed["pid"]))
         poll(lambda: fake_service.version == "1.0.0", timeout=20)
         daemon.kill()
         daemon.start()
@@ -212,5 +188,209 @@ async def test_sigkill_after_the_switch_verifies_instead_of_rerunning(
         # The executor's step ends as interrupted (it never reported); verification proves
         # the rollback took effect.
         assert steps == [("rollback", 0), ("verify", 1)]
+    finally:
+        daemon.stop()
+
+
+async def test_sigkill_while_verifying_completes_the_verification_never_reruns(
+    tmp_path: Path,
+    prometheus_factory: Callable[..., PrometheusServer],
+    fake_service: FakeService,
+) -> None:
+    # A verify window long enough to find the rollback verifying and kill the daemon there.
+    daemon, log = scenario(tmp_path, prometheus_factory, fake_service, verify_window="3s")
+    try:
+        # Verifying: its state and its step, both written, the step not finished.
+        [(rollback_id,)] = daemon.await_rows(
+            "SELECT r.id FROM rollbacks r JOIN rollback_steps s ON s.rollback_id = r.id "
+            "WHERE r.state = 'verifying' AND s.kind = 'verify' AND s.finished_at IS NULL"
+        )
+        daemon.kill()
+        assert fake_service.version == "1.0.0"  # the executor switched it, then exited
+        assert daemon.rows("SELECT state FROM rollbacks") == [("verifying",)]
+        before = daemon.rows(
+            "SELECT kind, finished_at IS NOT NULL, ok FROM rollback_steps WHERE rollback_id = ? "
+            "ORDER BY id",
+            rollback_id,
+        )
+        assert before == [("rollback", 1, 1), ("verify", 0, None)]
+
+        daemon.start()
+        [(outcome, finished)] = daemon.await_rows(
+            "SELECT outcome, finished_at FROM rollbacks WHERE id = ? AND state = 'succeeded'",
+            rollback_id,
+        )
+        assert len(executions(log)) == 1
+        assert finished is not None
+        assert outcome == "after a restart: version reads 1.0.0; checks held for 3s"
+        # One executor step; the verification the kill cut short stays on record as
+        # interrupted, and the one after the restart proves the rollback took effect.
+        steps = daemon.rows(
+            "SELECT kind, finished_at IS NOT NULL, ok, summary FROM rollback_steps "
+            "WHERE rollback_id = ? ORDER BY id",
+            rollback_id,
+        )
+        assert [s[:3] for s in steps] == [("rollback", 1, 1), ("verify", 1, 0), ("verify", 1, 1)]
+        assert steps[1][3] == "interrupted: the daemon stopped while this ran"
+        assert steps[2][3] == "version reads 1.0.0; checks held for 3s"
+        assert events(daemon, rollback_id) == ["rollback.started", "rollback.succeeded"]
+        assert daemon.rows("SELECT count(*) FROM rollbacks") == [(1,)]
+        assert daemon.rows("SELECT frozen FROM service_state WHERE frozen = 1") == []
+    finally:
+        daemon.stop()
+
+
+# -- waiting for approval: a service judged by Alertmanager alerts, in approve mode ----------
+
+AS_ALICE = {"USER": "alice", TOKEN_ENV: TOKEN}
+
+
+def events(daemon: DaemonProcess, rollback_id: int) -> list[str]:
+    found = daemon.rows("SELECT type FROM events WHERE rollback_id = ? ORDER BY id", rollback_id)
+    return [kind for (kind,) in found]
+
+
+def approval_daemon(directory: Path, log: Path, *, approval_timeout: str) -> Daemon:
+    """A daemon in approve mode whose service ``web`` is rolled back on alert WebDown by an
+    executor that records each run in ``log``."""
+    config = write_config(
+        directory,
+        "http://127.0.0.1:9",
+        {"web": alert_service("web", log, alertname="WebDown", target=False)},
+    )
+    set_mode(config, "approve")
+    text = config.read_text()
+    config.write_text(
+        text.replace("[daemon]\n", f'[daemon]\napproval_timeout = "{approval_timeout}"\n', 1)
+    )
+    return Daemon(config)
+
+
+def deliver(daemon: DaemonProcess, fingerprint: str = "00000000000000aa") -> dict[str, Any]:
+    """Alertmanager delivers a firing WebDown; the webhook's answer for it."""
+    payload = {
+        "version": "4",
+        "receiver": "rollbackd",
+        "status": "firing",
+        "alerts": [
+            {
+                "status": "firing",
+                "labels": {"alertname": "WebDown"},
+                "annotations": {"summary": "web is down"},
+                "startsAt": "2030-01-01T00:00:00Z",
+                "endsAt": "0001-01-01T00:00:00Z",
+                "generatorURL": "",
+                "fingerprint": fingerprint,
+            }
+        ],
+        "groupKey": "{}",
+    }
+    with daemon.http() as http:
+        response = http.post("/api/v1/alertmanager", json=payload)
+    assert response.status_code == 200, response.text
+    [alert] = response.json()["alerts"]
+    return dict(alert)
+
+
+def cli(daemon: DaemonProcess, *args: str) -> Any:
+    """``rollbackd ARGS -c CONFIG`` as alice, who can read the token."""
+    return run_cli(*args, "-c", str(daemon.config), env=AS_ALICE)
+
+
+async def test_sigkill_while_waiting_for_approval_keeps_it_pending(tmp_path: Path) -> None:
+    log = tmp_path / "runs.jsonl"
+    daemon = approval_daemon(tmp_path, log, approval_timeout="30m")
+    try:
+        daemon.start()
+        alert = deliver(daemon)
+        assert alert["outcome"].startswith("pending_approval")
+        rollback_id = alert["rollback_id"]
+        daemon.kill()
+        [(state, expires_at)] = daemon.rows("SELECT state, expires_at FROM rollbacks")
+        assert state == "pending" and expires_at is not None
+
+        daemon.start()
+        # Still waiting for a person: in the store, the API and the CLI; nothing ran.
+        with daemon.http() as http:
+            pending = http.get("/api/v1/rollbacks", params={"state": "pending"}).json()
+        assert [r["id"] for r in pending["rollbacks"]] == [rollback_id]
+        assert pending["rollbacks"][0]["steps"] == []
+        status = cli(daemon, "status")
+        assert status.returncode == 0, status.stderr
+        expected = f"rollback {rollback_id} waits for approval: rollbackd approve {rollback_id}"
+        assert expected in status.stdout
+        # Alertmanager re-sends the firing alert after the restart: recorded once, handled
+        # once; another alert of the same release joins the rollback already waiting.
+        again = deliver(daemon)
+        assert (again["new"], again["deliveries"], again["rollback_id"]) == (False, 2, rollback_id)
+        other = deliver(daemon, fingerprint="00000000000000bb")
+        assert other["outcome"].startswith("joined") and other["rollback_id"] == rollback_id
+        assert daemon.rows("SELECT state FROM rollbacks") == [("pending",)]
+        assert executions(log) == []
+
+        approved = cli(daemon, "approve", str(rollback_id))
+        assert approved.returncode == 0, approved.stderr
+        assert approved.stdout.startswith(f"rollback {rollback_id} of web approved by alice")
+        [(outcome, decided_by, finished)] = daemon.await_rows(
+            "SELECT outcome, decided_by, finished_at FROM rollbacks "
+            "WHERE id = ? AND state = 'succeeded'",
+            rollback_id,
+        )
+        assert len(executions(log)) == 1
+        assert decided_by == "alice" and finished is not None
+        assert outcome == "checks held for 0.1s"
+        steps = daemon.rows(
+            "SELECT kind, finished_at IS NOT NULL, ok FROM rollback_steps WHERE rollback_id = ? "
+            "ORDER BY id",
+            rollback_id,
+        )
+        assert steps == [("rollback", 1, 1), ("verify", 1, 1)]
+        assert events(daemon, rollback_id) == [
+            "rollback.pending",
+            "rollback.started",
+            "rollback.succeeded",
+        ]
+        triggers = daemon.rows(
+            "SELECT source FROM rollback_triggers WHERE rollback_id = ?", rollback_id
+        )
+        assert triggers == [("alert",)]  # the second alert, joined
+        assert daemon.rows("SELECT count(*) FROM rollbacks") == [(1,)]
+    finally:
+        daemon.stop()
+
+
+async def test_an_approval_that_expires_while_the_daemon_is_down_never_runs(
+    tmp_path: Path,
+) -> None:
+    log = tmp_path / "runs.jsonl"
+    daemon = approval_daemon(tmp_path, log, approval_timeout="3s")
+    try:
+        daemon.start()
+        alert = deliver(daemon)
+        assert alert["outcome"].startswith("pending_approval")
+        rollback_id = alert["rollback_id"]
+        daemon.kill()
+        [(state, expires_at)] = daemon.rows("SELECT state, expires_at FROM rollbacks")
+        assert state == "pending"  # killed before its approval timed out
+        # Down until its approval has timed out.
+        poll(lambda: time.time() > expires_at, timeout=10, what="the approval to time out")
+
+        daemon.start()
+        [(outcome, finished, decided_by)] = daemon.await_rows(
+            "SELECT outcome, finished_at, decided_by FROM rollbacks "
+            "WHERE id = ? AND state = 'expired'",
+            rollback_id,
+        )
+        assert outcome == "no decision before the approval timeout"
+        assert finished is not None and decided_by is None
+        assert events(daemon, rollback_id) == ["rollback.pending", "rollback.expired"]
+        # Too late to approve it: nothing runs.
+        approved = cli(daemon, "approve", str(rollback_id))
+        assert approved.returncode == 1
+        assert approved.stderr.strip() == (
+            f"rollbackd approve: rollback {rollback_id} is expired, not pending"
+        )
+        assert daemon.rows("SELECT id FROM rollback_steps") == []
+        assert executions(log) == []
     finally:
         daemon.stop()

@@ -149,13 +149,15 @@ class DaemonProcess:
     address is read from ``<state_dir>/api.address``, which the daemon writes once it
     listens (and which the CLI reads the same way)."""
 
-    def __init__(self, config: Path, *, token: str = TOKEN, env: Mapping[str, str] = ()) -> None:
+    def __init__(
+        self, config: Path, *, token: str = TOKEN, env: Mapping[str, str] | None = None
+    ) -> None:
         self.config = config
         self.token = token
         self.state_dir = config.parent / "state"
         self.db = self.state_dir / "state.db"
         self.address_file = self.state_dir / ADDRESS_FILE
-        self.env = {**os.environ, TOKEN_ENV: token, **dict(env)}
+        self.env = {**os.environ, TOKEN_ENV: token, **dict(env or {})}
         self.process: subprocess.Popen[bytes] | None = None
         self.log = config.parent / "daemon.log"
         self.url = ""
