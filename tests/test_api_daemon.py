@@ -18,6 +18,7 @@ from support.configs import write_config
 from support.daemon_process import TOKEN_ENV, DaemonProcess, alert_service
 
 MAX_BODY = 4096
+WEBHOOK_MAX_BODY = 8192
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +28,7 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonProcess]:
         directory,
         "http://127.0.0.1:9",
         {"api": alert_service("api", directory / "runs.jsonl", alertname="ApiDown")},
-        extra=f"max_body = {MAX_BODY}",
+        extra=f"max_body = {MAX_BODY}\nwebhook_max_body = {WEBHOOK_MAX_BODY}",
     )
     with DaemonProcess(config) as running:
         yield running
@@ -74,20 +75,28 @@ def test_malformed_json_is_a_4xx_and_the_daemon_stays_up(daemon: DaemonProcess) 
 
 
 @pytest.mark.faults
-def test_an_oversized_body_is_413_declared_or_streamed(daemon: DaemonProcess) -> None:
+@pytest.mark.parametrize(
+    ("path", "limit", "key"),
+    [
+        ("/api/v1/rollbacks", MAX_BODY, "[server].max_body"),
+        ("/api/v1/alertmanager", WEBHOOK_MAX_BODY, "[server].webhook_max_body"),
+    ],
+)
+def test_an_oversized_body_is_413_declared_or_streamed(
+    daemon: DaemonProcess, path: str, limit: int, key: str
+) -> None:
     with daemon.http() as http:
-        declared = http.post("/api/v1/alertmanager", content=b" " * (MAX_BODY + 1))
+        declared = http.post(path, content=b" " * (limit + 1))
         assert declared.status_code == 413
+        assert f"larger than {limit} bytes ({key})" in declared.json()["detail"]
+        # At the limit the body is read (and is no valid JSON).
+        assert http.post(path, content=b" " * limit).status_code == 422
 
         def chunks() -> Iterator[bytes]:
             for _ in range(64):
                 yield b" " * 1024
 
-        streamed = http.post(
-            "/api/v1/alertmanager",
-            content=chunks(),
-            headers={"content-type": "application/json"},
-        )
+        streamed = http.post(path, content=chunks(), headers={"content-type": "application/json"})
         assert streamed.status_code == 413
         assert http.get("/healthz").status_code == 200
 

@@ -86,6 +86,12 @@ class ServerSection(Strict):
     token_file: str | None = "/etc/rollbackd/token"  # noqa: S105 (a path, not a secret)
     token_env: str | None = None
     max_body: int = Field(default=1_048_576, ge=1024, description="request body limit, bytes")
+    webhook_max_body: int = Field(
+        default=16 * 1_048_576,
+        ge=1024,
+        description="Alertmanager webhook body limit, bytes: a whole alert group is one "
+        "delivery (about 300 bytes per alert), and a 413 is never retried",
+    )
     public_url: str | None = Field(
         default=None, description="how people reach this daemon, for links in notifications"
     )

@@ -11,8 +11,10 @@ before FastAPI reads anything:
   in constant time. In a FastAPI dependency it would come too late: FastAPI reads and
   parses the body before dependencies run, so a caller without the token would get the
   daemon to read its body and would be answered 400/422 instead of 401;
-* the body limit, ``[server].max_body``: a declared length over it is refused at once with
-  413, and a streamed body is counted as it arrives and refused once it passes the limit.
+* the body limit, ``[server].max_body`` (``webhook_max_body`` for Alertmanager's webhook,
+  which gets a whole alert group in one delivery): a declared length over it is refused at
+  once with 413, and a streamed body is counted as it arrives and refused once it passes
+  the limit. Only a caller with the token gets as far as sending a body.
 
 Every answer but /metrics is JSON, errors included: ``{"detail": "..."}``, or for a 422
 FastAPI's list of errors, each naming its field by ``loc``. A failing state store is a 503,
@@ -99,6 +101,9 @@ log = get_logger("rollbackd.server")
 
 PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/openapi.json"})
 """The only routes answered without the token: probes, metrics and the API's description."""
+WEBHOOK_PATH = "/api/v1/alertmanager"
+"""Alertmanager's webhook. Its 413 names the fix: Alertmanager does not retry a 4xx, so an
+oversized delivery (one large alert group) would otherwise be lost without a word here."""
 ADDRESS_FILE = "api.address"
 """Written into state_dir once the API listens: ``host:port``, for clients when the
 configured port is 0 (tests, demos) and for people asking where the daemon listens."""
@@ -127,7 +132,10 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 _BODY_ERRORS: dict[int | str, dict[str, Any]] = {
     **_ERRORS,
     400: {"model": ErrorOut, "description": "the body is not JSON text (not UTF-8)"},
-    413: {"model": ErrorOut, "description": "the request body is over [server].max_body"},
+    413: {
+        "model": ErrorOut,
+        "description": "the request body is over [server].max_body (webhook_max_body)",
+    },
 }
 
 
@@ -192,12 +200,14 @@ class _Gate:
         *,
         token: str,
         max_body: int,
+        webhook_max_body: int,
         metrics: ApiMetrics,
         routes: Callable[[], Sequence[BaseRoute]],
     ) -> None:
         self.app = app
         self._token = token.encode()
         self._max_body = max_body
+        self._webhook_max_body = webhook_max_body
         self._metrics = metrics
         self._routes = routes
 
@@ -263,6 +273,7 @@ class _Gate:
                 [(b"allow", ", ".join(sorted(allowed)).encode())],
             )
             return
+        limit = self._webhook_max_body if scope["path"] == WEBHOOK_PATH else self._max_body
         declared = [v for k, v in scope["headers"] if k == b"content-length"]
         if declared:
             try:
@@ -270,8 +281,8 @@ class _Gate:
             except ValueError:
                 await _send_json(send, 400, "Content-Length is not a number")
                 return
-            if length > self._max_body:
-                await self._too_large(send)
+            if length > limit:
+                await self._too_large(scope, send, length)
                 return
         chunks: list[bytes] = []
         size = 0
@@ -281,8 +292,8 @@ class _Gate:
                 return
             chunk = message.get("body", b"")
             size += len(chunk)
-            if size > self._max_body:
-                await self._too_large(send)
+            if size > limit:
+                await self._too_large(scope, send, size)
                 return
             chunks.append(chunk)
             if not message.get("more_body", False):
@@ -314,13 +325,25 @@ class _Gate:
             return "the bearer token was refused"
         return None
 
-    async def _too_large(self, send: Send) -> None:
-        await _send_json(
-            send,
-            413,
-            f"the request body is larger than {self._max_body} bytes ([server].max_body)",
-            [(b"connection", b"close")],
+    async def _too_large(self, scope: Scope, send: Send, size: int) -> None:
+        if scope["path"] != WEBHOOK_PATH:
+            detail = f"the request body is larger than {self._max_body} bytes ([server].max_body)"
+            await _send_json(send, 413, detail, [(b"connection", b"close")])
+            return
+        # A large alert group is one large delivery, refused whole; Alertmanager does not
+        # retry a 413 and re-sends the same oversized group every group_interval.
+        detail = (
+            f"the request body is larger than {self._webhook_max_body} bytes "
+            "([server].webhook_max_body); Alertmanager does not retry a 413: set max_alerts "
+            "in the webhook_config (e.g. 100) so every delivery fits"
         )
+        log.warning(
+            "alertmanager delivery refused, over [server].webhook_max_body: these alerts are "
+            "lost; set max_alerts in Alertmanager's webhook_config (e.g. 100)",
+            webhook_max_body=self._webhook_max_body,
+            size_at_least=size,
+        )
+        await _send_json(send, 413, detail, [(b"connection", b"close")])
 
 
 # -- the application ------------------------------------------------------------------------
@@ -417,11 +440,12 @@ def create_app(
     registry: CollectorRegistry,
     token: str,
     max_body: int,
+    webhook_max_body: int | None = None,
     prometheus_ready: Callable[[], Awaitable[bool]] | None = None,
     clock: Callable[[], float] = time.time,
 ) -> FastAPI:
     """The API over the daemon's parts. ``prometheus_ready`` is /readyz's probe of
-    Prometheus (None: not probed)."""
+    Prometheus (None: not probed); ``webhook_max_body`` defaults to ``max_body``."""
     if not token:
         raise ValueError("the API token must not be empty")
     engine = pipeline.engine
@@ -867,11 +891,14 @@ def create_app(
             log.error("alerts not stored: Alertmanager will retry", error=str(exc))
             return JSONResponse({"detail": f"alerts not stored, retry: {exc}"}, status_code=503)
         fresh = sum(1 for r in results if r.new)
+        # truncatedAlerts: alerts of the group Alertmanager left out (its max_alerts); they
+        # are never seen here, and one firing alert of a service is enough to roll it back.
         log.info(
             "alertmanager delivery",
             receiver=payload.receiver,
             alerts=len(results),
             new=fresh,
+            truncated=payload.truncatedAlerts,
         )
         return WebhookOut(
             received=len(results),
@@ -896,6 +923,7 @@ def create_app(
         _Gate,
         token=token,
         max_body=max_body,
+        webhook_max_body=max_body if webhook_max_body is None else webhook_max_body,
         metrics=metrics,
         routes=lambda: app.router.routes,
     )
@@ -1065,6 +1093,7 @@ async def start_api(daemon: DaemonParts) -> ApiServer:
         registry=daemon.metrics.registry,
         token=token,
         max_body=server.max_body,
+        webhook_max_body=server.webhook_max_body,
         prometheus_ready=prometheus_ready,
     )
     api = ApiServer(

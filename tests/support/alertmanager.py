@@ -39,7 +39,10 @@ class AlertmanagerServer:
         group_wait: str = "1s",
         group_interval: str = "2s",
         repeat_interval: str = "3s",
+        max_alerts: int = 0,
     ) -> None:
+        """``max_alerts``: the webhook_config's cap on alerts per delivery (0: no cap,
+        Alertmanager's default); the rest of the group is counted in ``truncatedAlerts``."""
         self.workdir = workdir
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.config_file = workdir / "alertmanager.yml"
@@ -71,6 +74,8 @@ class AlertmanagerServer:
                 }
             ],
         }
+        if max_alerts:
+            self.config["receivers"][0]["webhook_configs"][0]["max_alerts"] = max_alerts
         self._process: subprocess.Popen[bytes] | None = None
         self._client = httpx.Client(base_url=self.url, timeout=10)
 
