@@ -14,7 +14,7 @@ import pytest
 
 from rollbackd.engine import Engine
 from rollbackd.loader import load
-from rollbackd.pipeline import Pipeline, Trigger
+from rollbackd.pipeline import REFUSAL_QUIET, Pipeline, Trigger
 from rollbackd.prometheus import PrometheusClient
 from rollbackd.store import ConflictError, RollbackState, Store
 from support.configs import write_config
@@ -304,6 +304,32 @@ async def test_pause_stops_automatic_rollbacks(make: type[Setup]) -> None:
     s.store.set_pause("api", False, s.now)
     assert (await s.pipeline.submit(s.trigger())).outcome == "executing"
     await s.pipeline.wait_idle()
+
+
+@pytest.mark.faults
+async def test_a_storm_of_refused_triggers_is_announced_once_per_quiet_period(
+    make: type[Setup],
+) -> None:
+    s = make(recorder(Path("LOG")))
+    s.release("1.0.0")
+    s.release("2.0.0", bake=False)
+    s.store.set_pause("api", True, s.now)
+    storm = s.trigger()  # 2,000 alerts within the same second
+    outcomes = {(await s.pipeline.submit(storm)).outcome for _ in range(2000)}
+    assert outcomes == {"refused"}  # every trigger is answered, and refused
+    assert s.events().count("rollback.refused") == 1
+    # Another reason is another refusal: announced.
+    s.store.set_pause("api", False, s.now)
+    s.store.set_frozen("api", True, "a person froze it")
+    assert (await s.pipeline.submit(s.trigger())).outcome == "refused"
+    assert s.events().count("rollback.refused") == 2
+    # After the quiet period the same refusal is announced again.
+    s.store.set_frozen("api", False)
+    s.store.set_pause("api", True, s.now)
+    s.now += REFUSAL_QUIET
+    assert (await s.pipeline.submit(s.trigger())).outcome == "refused"
+    assert s.events().count("rollback.refused") == 3
+    assert s.runs() == []
 
 
 @pytest.mark.faults

@@ -46,6 +46,39 @@ from rollbackd.verify import Verifier, VerifyResult
 
 log = get_logger("rollbackd.pipeline")
 
+REFUSAL_QUIET = 300.0
+"""Seconds during which the same refusal (service, release, failed guards) is not announced
+again. An alert storm against a paused service is one ``rollback.refused`` event and one
+warning, not 10,000 of each offered to every notifier; each alert's own record still says
+it was refused."""
+REFUSAL_LOG_EVERY = 1000
+"""A repeated refusal is logged (at info) on every this many repeats."""
+
+
+class _Refusals:
+    """Which refusals were announced lately, to announce each only once per quiet period."""
+
+    def __init__(self, quiet: float = REFUSAL_QUIET, limit: int = 4096) -> None:
+        self._quiet = quiet
+        self._limit = limit
+        self._seen: dict[tuple[object, ...], tuple[float, int]] = {}
+
+    def repeat(self, key: tuple[object, ...], now: float) -> int | None:
+        """None when this refusal is to be announced (first time, or its quiet period is
+        over); else how often it has been repeated within the period."""
+        seen = self._seen.get(key)
+        if seen is None or now - seen[0] >= self._quiet or now < seen[0]:
+            if len(self._seen) >= self._limit:
+                self._seen = {k: v for k, v in self._seen.items() if now - v[0] < self._quiet}
+                if len(self._seen) >= self._limit:
+                    self._seen.clear()  # bounded, at the price of announcing again
+            self._seen[key] = (now, 0)
+            return None
+        repeats = seen[1] + 1
+        self._seen[key] = (seen[0], repeats)
+        return repeats
+
+
 _JOINABLE = (
     RollbackState.PENDING,
     RollbackState.RUNNING,
@@ -130,6 +163,7 @@ class Pipeline:
         self.clock = clock
         self._locks: dict[str, asyncio.Lock] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self._refusals = _Refusals()
 
     # -- entry points ---------------------------------------------------------------
 
@@ -320,19 +354,26 @@ class Pipeline:
         decision = decide(facts)
         guards: list[dict[str, JSONValue]] = [dict(g.as_json()) for g in decision.guards]
         if decision.outcome is Outcome.REFUSE:
-            self.bus.publish(
-                "rollback.refused",
-                now,
-                name,
-                data={
-                    "reason": decision.reason,
-                    "guards": guards,
-                    "trigger": self._trigger_json(trigger),
-                },
-            )
+            failed = tuple(g.guard for g in decision.guards if not g.passed)
+            repeats = self._refusals.repeat((name, current, release, failed), now)
+            if repeats is None:
+                self.bus.publish(
+                    "rollback.refused",
+                    now,
+                    name,
+                    data={
+                        "reason": decision.reason,
+                        "guards": guards,
+                        "trigger": self._trigger_json(trigger),
+                    },
+                )
+                log.warning("rollback refused", service=name, reason=decision.reason)
+            elif repeats % REFUSAL_LOG_EVERY == 0:
+                log.info(
+                    "rollback refused again", service=name, reason=decision.reason, times=repeats
+                )
             if decision.freeze:
                 self._freeze(name, decision.reason, now)
-            log.warning("rollback refused", service=name, reason=decision.reason)
             return Submission("refused", None, decision, decision.reason)
         state = {
             Outcome.EXECUTE: RollbackState.RUNNING,
