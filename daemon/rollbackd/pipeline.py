@@ -348,7 +348,8 @@ class Pipeline:
                 "joined",
                 existing,
                 None,
-                f"release {current} already has rollback {existing.id} ({existing.state.value})",
+                f"{f'release {current}' if current else 'the service'} already has rollback "
+                f"{existing.id} ({existing.state.value})",
             )
         facts = self._facts(service, trigger, current)
         decision = decide(facts)
