@@ -10,6 +10,7 @@ Times in answers are UTC unix seconds.
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, AwareDatetime, BaseModel, BeforeValidator, ConfigDict, Field
@@ -47,8 +48,20 @@ def _json_integer(value: object) -> object:
     return int(value)
 
 
+def _utc_representable(value: datetime) -> datetime:
+    # "9999-12-31T23:59:59-23:00" parses, but is past year 9999 in UTC: the receiver's
+    # conversion to unix seconds would raise OverflowError, a 500.
+    try:
+        value.astimezone(UTC)
+    except OverflowError:
+        raise ValueError("must be a time between the years 1 and 9999 in UTC") from None
+    return value
+
+
 Text = Annotated[str, AfterValidator(_unicode)]
-Timestamp = Annotated[AwareDatetime, BeforeValidator(_rfc3339_text)]
+Timestamp = Annotated[
+    AwareDatetime, BeforeValidator(_rfc3339_text), AfterValidator(_utc_representable)
+]
 """RFC 3339 with a zone; 9 fractional digits are read (to the microsecond)."""
 """Any text (alert labels and annotations): stored as data, never used as a name."""
 ServiceName = Annotated[str, Field(pattern=NAME_PATTERN, examples=["checkout"])]

@@ -6,12 +6,13 @@ from datetime import timedelta
 from enum import StrEnum
 from typing import Any, ClassVar, Self
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_core import InitErrorDetails, PydanticCustomError
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from rollbackd.durations import Duration
 from rollbackd.notify import Notifier
-from rollbackd.strict import Strict
+from rollbackd.strict import Strict, as_init_error
 
 
 class Mode(StrEnum):
@@ -146,4 +147,20 @@ class Config(BaseSettings, Strict):
 
     @classmethod
     def from_toml_data(cls, data: dict[str, Any]) -> Config:
-        return cls(**data)
+        # BaseSettings takes keyword arguments such as `_env_file` and `_env_prefix` as its
+        # own options: from the file they would read other files or raise TypeError. No
+        # field starts with "_", so such a key is unknown, reported with the rest.
+        options = [key for key in data if key.startswith("_")]
+        if not options:
+            return cls(**data)
+        errors = [
+            InitErrorDetails(
+                type=PydanticCustomError("unknown_key", "unknown key"), loc=(key,), input=data[key]
+            )
+            for key in options
+        ]
+        try:
+            cls(**{key: value for key, value in data.items() if key not in options})
+        except ValidationError as exc:
+            errors.extend(as_init_error(error) for error in exc.errors())
+        raise ValidationError.from_exception_data(cls.__name__, errors)

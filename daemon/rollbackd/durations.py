@@ -20,8 +20,11 @@ _UNITS = {
     "d": 86400.0,
     "w": 7 * 86400.0,
 }
-_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d|w)")
-_WHOLE = re.compile(r"(?:\d+(?:\.\d+)?(?:ms|s|m|h|d|w))+")
+# ASCII digits only: \d would also take U+09EA, the Bengali four, which looks like an 8.
+_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d|w)", re.ASCII)
+_WHOLE = re.compile(r"(?:\d+(?:\.\d+)?(?:ms|s|m|h|d|w))+", re.ASCII)
+MAX_DURATION = timedelta(days=36500)
+"""100 years: longer is a typo, and would overflow date arithmetic (and Prometheus' ranges)."""
 
 
 def parse_duration(text: str) -> timedelta:
@@ -35,6 +38,8 @@ def parse_duration(text: str) -> timedelta:
     seconds = sum(float(n) * _UNITS[unit] for n, unit in _PART.findall(cleaned))
     if seconds <= 0:
         raise ValueError(f"duration must be positive, got: {text!r}")
+    if not seconds <= MAX_DURATION.total_seconds():  # inf too ("999...9s")
+        raise ValueError(f"duration must be at most 36500d (100 years), got: {text!r}")
     return timedelta(seconds=seconds)
 
 
@@ -59,7 +64,11 @@ def _duration(value: object) -> timedelta:
             raise ValueError(f"duration must be positive, got: {value}")
         return value
     if isinstance(value, str):
-        return parse_duration(value)
+        parsed = parse_duration(value)
+        if parsed < timedelta(milliseconds=1):
+            # PromQL ranges count in milliseconds: "0.5ms" would be written as "0s".
+            raise ValueError(f"duration must be at least 1ms, got: {value!r}")
+        return parsed
     raise ValueError(f'a duration is a string such as "15s" or "2m", got: {value!r}')
 
 

@@ -7,6 +7,7 @@ problems of all the files, so one run of ``rollbackd check`` shows them all.
 from __future__ import annotations
 
 import glob
+import json
 import re
 import tomllib
 from dataclasses import dataclass, field
@@ -24,6 +25,8 @@ from rollbackd.strict import did_you_mean
 
 _TAGS = frozenset((*CHECK_TYPES, *EXECUTOR_TYPES, *NOTIFIER_TYPES))
 _TOML_POSITION = re.compile(r"\s*\(at line (\d+), column (\d+)\)$")
+_AT_END = " (at end of document)"
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
 _FRIENDLY = {
     "missing": "required key is missing",
     "extra_forbidden": "unknown key",
@@ -84,7 +87,10 @@ def field_path(loc: tuple[int | str, ...]) -> str:
         elif isinstance(previous, int) and part in _TAGS:
             pass  # the discriminator tag pydantic adds after a union item's index
         else:
-            text += f".{part}" if text else str(part)
+            # A key that is not a bare TOML key (empty, dotted, with spaces or control
+            # characters) is shown quoted, as it would be written in the file.
+            name = part if _BARE_KEY.fullmatch(part) else json.dumps(part, ensure_ascii=False)
+            text += f".{name}" if text else name
         previous = part
     return text
 
@@ -115,25 +121,51 @@ def schema_problems(file: str, exc: ValidationError) -> list[Problem]:
     return problems
 
 
+def _position(text: str, offset: int) -> tuple[int, int]:
+    """Line and column (from 1) of ``offset`` in ``text``."""
+    line = text.count("\n", 0, offset) + 1
+    return line, offset - (text.rfind("\n", 0, offset) + 1) + 1
+
+
 def read_toml(path: Path, shown: str) -> tuple[dict[str, Any] | None, list[Problem]]:
     try:
-        with path.open("rb") as handle:
-            return tomllib.load(handle), []
+        raw = path.read_bytes()
     except OSError as exc:
         return None, [Problem(shown, f"cannot read: {exc.strerror}")]
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        # tomllib would let this escape; the position is where the bad byte is.
+        before = raw[: exc.start].decode("utf-8")
+        line, column = _position(before, len(before))
+        return None, [
+            Problem(
+                shown,
+                f"not UTF-8 text: byte {raw[exc.start]:#04x} cannot be read",
+                line=line,
+                column=column,
+            )
+        ]
+    try:
+        return tomllib.loads(text), []
+    except RecursionError:
+        return None, [Problem(shown, "cannot read: arrays or inline tables nested too deeply")]
     except tomllib.TOMLDecodeError as exc:
-        text = str(exc)
-        position = _TOML_POSITION.search(text)
+        message = str(exc)
+        position = _TOML_POSITION.search(message)
         if position:
             return None, [
                 Problem(
                     shown,
-                    text[: position.start()],
+                    message[: position.start()],
                     line=int(position.group(1)),
                     column=int(position.group(2)),
                 )
             ]
-        return None, [Problem(shown, text)]
+        if message.endswith(_AT_END):
+            line, column = _position(text, len(text))
+            return None, [Problem(shown, message.removesuffix(_AT_END), line=line, column=column)]
+        return None, [Problem(shown, message)]
 
 
 def display_path(path: Path) -> str:

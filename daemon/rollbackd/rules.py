@@ -41,6 +41,13 @@ class CanarySection(Strict):
     )
     abort: list[Executor] = Field(min_length=1)
 
+    @field_validator("active_query")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must be a PromQL expression, not blank")
+        return value
+
 
 class VerifySection(Strict):
     window: Duration = timedelta(minutes=2)

@@ -27,7 +27,7 @@ def did_you_mean(word: str, choices: list[str]) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
-def _as_init_error(error: Any) -> InitErrorDetails:
+def as_init_error(error: Any) -> InitErrorDetails:
     # Re-raise an already-formatted error unchanged; braces would be read as
     # template fields by PydanticCustomError, so they are doubled.
     message = str(error["msg"]).replace("{", "{{").replace("}", "}}")
@@ -41,7 +41,11 @@ def _as_init_error(error: Any) -> InitErrorDetails:
 class Strict(BaseModel):
     """Frozen, strict model: unknown keys are errors that suggest the intended key."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=False)
+    # Numbers are finite: TOML can write nan and inf, and a threshold of either never
+    # (or always) breaches, which silently disables a check.
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, populate_by_name=False, allow_inf_nan=False
+    )
 
     # Keys that are accepted but hinted at differently (a secret written inline,
     # say); subclasses map the bad key to the message.
@@ -75,5 +79,5 @@ class Strict(BaseModel):
         try:
             handler({key: value for key, value in data.items() if key in known})
         except ValidationError as exc:
-            errors.extend(_as_init_error(error) for error in exc.errors())
+            errors.extend(as_init_error(error) for error in exc.errors())
         raise ValidationError.from_exception_data(cls.__name__, errors)

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import math
 from datetime import timedelta
-from typing import ClassVar, Literal, Self
+from typing import Annotated, ClassVar, Literal, Self
 
-from pydantic import Field, model_validator
+from pydantic import AfterValidator, Field, model_validator
 
 from rollbackd.checks.base import (
     CheckSpec,
@@ -20,6 +21,16 @@ from rollbackd.checks.base import (
 from rollbackd.durations import Duration, Seconds, format_duration
 
 
+def _bound(value: float) -> float:
+    if math.isnan(value):
+        raise ValueError("a bucket bound is a number or inf, not nan")
+    return value
+
+
+Bound = Annotated[float, Field(allow_inf_nan=True), AfterValidator(_bound)]
+"""A histogram's bucket bound: the last one is +Inf."""
+
+
 class LatencyCheck(CheckSpec):
     type: Literal["latency"]
     groups_by_version: ClassVar[bool] = True
@@ -29,7 +40,7 @@ class LatencyCheck(CheckSpec):
     above: Seconds
     window: Duration = timedelta(minutes=1)
     min_rate: float = Field(default=0.0, ge=0)
-    buckets: list[float] | None = Field(
+    buckets: list[Bound] | None = Field(
         default=None,
         description="the histogram's bucket bounds, when known, so `rollbackd check` can "
         "reject a threshold the quantile can never exceed",
