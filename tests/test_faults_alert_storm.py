@@ -262,6 +262,9 @@ def test_ten_thousand_alerts_for_one_service_make_one_rollback(tmp_path: Path) -
         assert httpx.get(f"{daemon.url}/healthz", timeout=5).json() == {"status": "ok"}
         with daemon.http() as api:
             assert api.get("/api/v1/status").json()["in_flight"] == []
+            # The record shows the first 100 joined triggers and counts them all.
+            shown = api.get(f"/api/v1/rollbacks/{rollback_id}").json()
+            assert len(shown["triggers"]) == 100 and shown["triggers_total"] == STORM - 1
     assert len(executions(log)) == 1
 
 

@@ -260,7 +260,11 @@ class RollbackOut(Answer):
     trigger: dict[str, Any]
     guards: list[dict[str, Any]]
     steps: list[StepOut]
-    triggers: list[TriggerOut] = Field(description="later triggers that joined this rollback")
+    triggers: list[TriggerOut] = Field(
+        description="later triggers that joined this rollback: the first 100 (an alert "
+        "storm joins thousands)"
+    )
+    triggers_total: int = Field(description="how many triggers joined, all told")
 
 
 class SubmissionOut(Answer):

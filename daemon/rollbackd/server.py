@@ -107,6 +107,8 @@ oversized delivery (one large alert group) would otherwise be lost without a wor
 ADDRESS_FILE = "api.address"
 """Written into state_dir once the API listens: ``host:port``, for clients when the
 configured port is 0 (tests, demos) and for people asking where the daemon listens."""
+TRIGGERS_SHOWN = 100
+"""Joined triggers shown per rollback; the rest are counted (``triggers_total``) and kept."""
 MAX_ID = 2**63 - 1
 """SQLite's largest integer: a larger id would overflow the driver, not just miss."""
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
@@ -403,8 +405,9 @@ def _rollback_out(store: Store, rollback: Rollback) -> RollbackOut:
         ],
         triggers=[
             TriggerOut(id=t.id, at=t.at, source=t.source, detail=dict(t.detail))
-            for t in store.triggers(rollback.id)
+            for t in store.triggers(rollback.id, limit=TRIGGERS_SHOWN)
         ],
+        triggers_total=store.count_triggers(rollback.id),
     )
 
 

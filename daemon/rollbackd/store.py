@@ -920,14 +920,22 @@ class Store:
             )
             return int(cursor.lastrowid or 0)
 
-    def triggers(self, rollback_id: int) -> list[Trigger]:
+    def triggers(self, rollback_id: int, limit: int = -1) -> list[Trigger]:
+        """The triggers that joined a rollback, oldest first; at most ``limit`` (-1: all)."""
         with self._read() as conn:
             rows = conn.execute(
                 """SELECT id, rollback_id, at, source, detail FROM rollback_triggers
-                   WHERE rollback_id = ? ORDER BY id""",
-                (rollback_id,),
+                   WHERE rollback_id = ? ORDER BY id LIMIT ?""",
+                (rollback_id, limit),
             ).fetchall()
         return [Trigger(int(r[0]), int(r[1]), float(r[2]), r[3], json.loads(r[4])) for r in rows]
+
+    def count_triggers(self, rollback_id: int) -> int:
+        with self._read() as conn:
+            row = conn.execute(
+                "SELECT count(*) FROM rollback_triggers WHERE rollback_id = ?", (rollback_id,)
+            ).fetchone()
+        return int(row[0])
 
     def start_step(self, rollback_id: int, kind: str, executor: str, at: float) -> int:
         """Record that a step starts, before it runs: after a crash the record shows what
