@@ -209,8 +209,9 @@ async def test_version_scoped_judging_sees_what_the_whole_service_ratio_hides(
 
     fired: list[Firing] = []
 
-    async def on_fire(firing: Firing) -> None:
+    async def on_fire(firing: Firing) -> bool:
         fired.append(firing)
+        return True
 
     scoped.on_fire = on_fire
     for at in (dataset.EVAL_TIME, dataset.EVAL_TIME + 15):

@@ -20,9 +20,10 @@ from rollbackd.engine import Engine
 from rollbackd.loader import load
 from rollbackd.pipeline import Pipeline, Trigger
 from rollbackd.prometheus import PrometheusClient
-from rollbackd.store import Store
+from rollbackd.store import RollbackState, Store
 from support.configs import write_config
 from support.daemon_process import DaemonProcess, alert_service, executions
+from support.hostile_http import Recorded, RecordingServer, Reply, success
 
 pytestmark = pytest.mark.faults
 
@@ -176,3 +177,56 @@ def test_a_running_daemon_acknowledges_nothing_it_could_not_store(
         assert len(executions(log)) == 1
         assert daemon.rows("SELECT count(*) FROM alerts") == [(1,)]
     assert "alerts not stored: Alertmanager will retry" in daemon.log.read_text()
+
+
+async def test_a_breach_seen_while_the_disk_is_full_is_acted_on_once_there_is_room(
+    tiny_fs: Path, tmp_path: Path
+) -> None:
+    """A check fires while nothing can be recorded: no rollback then (the pipeline refuses
+    what it cannot record), and the firing is not forgotten either: it is handed over again
+    on every evaluation while the check still fires, so once there is room the bad release
+    is rolled back, once."""
+    runs = tmp_path / "runs.jsonl"
+    argv = [sys.executable, RECORD, str(runs)]
+    rules = (
+        '[service]\nname = "api"\nrollback_window = "1h"\n'
+        f'[[rollback]]\ntype = "command"\nargv = {json.dumps(argv)}\n'
+        '[verify]\nwindow = "100ms"\n'
+        '[[check]]\nname = "errors"\ntype = "query"\nquery = "error_ratio"\nabove = 0.1\n'
+        'breaches = 2\ninterval = "1s"\n'
+    )
+
+    def error_ratio(_request: Recorded, _n: int) -> Reply:
+        # 0.5 until the rollback has run, then 0: the rollback cured it.
+        return success([{"metric": {}, "value": [1, "0" if runs.exists() else "0.5"]}])
+
+    with RecordingServer(error_ratio) as prometheus:
+        loaded = load(write_config(tmp_path, prometheus.url, {"api": rules}))
+        store = Store(tiny_fs / "state.db")
+        engine = Engine(loaded, PrometheusClient(loaded.config.prometheus), store)
+        pipeline = Pipeline(engine)
+        engine.on_fire = pipeline.on_fire
+        try:
+            now = time.time()
+            engine.versions.record_release("api", "2.0.0", now - 60)
+            fill(tiny_fs)
+            for at in (now, now + 1, now + 2):
+                [evaluation] = await engine.tick(at)
+                assert evaluation.state.firing or at == now
+            await pipeline.wait_idle()
+            assert not runs.exists()
+            assert store.rollbacks() == []
+
+            (tiny_fs / "ballast").unlink()
+            await engine.tick(now + 3)
+            await pipeline.wait_idle()
+            [rollback] = store.rollbacks()
+            assert rollback.state is RollbackState.SUCCEEDED
+            # Handed over, it is not handed over again: the next evaluations add nothing.
+            await engine.tick(now + 4)
+            await pipeline.wait_idle()
+            assert len(runs.read_text().splitlines()) == 1
+            assert store.triggers(rollback.id) == []
+        finally:
+            store.close()
+            engine.client.close()

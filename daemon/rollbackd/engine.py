@@ -14,7 +14,7 @@ import contextlib
 import math
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -36,8 +36,8 @@ from rollbackd.loader import LoadedConfig, Service
 from rollbackd.logs import get_logger
 from rollbackd.metrics import Metrics
 from rollbackd.prometheus import PrometheusClient, PrometheusError, QueryError
-from rollbackd.samples import QueryResult, Verdict
-from rollbackd.store import Store
+from rollbackd.samples import Labels, QueryResult, Verdict
+from rollbackd.store import Store, StoreError
 from rollbackd.versions import VersionTracker, is_valid_version
 
 log = get_logger("rollbackd.engine")
@@ -112,7 +112,7 @@ class Engine:
         store: Store,
         *,
         metrics: Metrics | None = None,
-        on_fire: Callable[[Firing], Awaitable[None]] | None = None,
+        on_fire: Callable[[Firing], Awaitable[bool]] | None = None,
         bus: EventBus | None = None,
         query_batching: bool | None = None,
     ) -> None:
@@ -122,6 +122,11 @@ class Engine:
         self.store = store
         self.metrics = metrics or Metrics()
         self.on_fire = on_fire
+        """Hands a firing over (to the pipeline); False when it could not be recorded."""
+        self._not_handed_over: dict[tuple[str, str, Labels], Firing] = {}
+        """Firings the pipeline could not record (the state store failed): handed over
+        again on every evaluation while their series still fires, so a breach seen while
+        the disk was full is acted on once it is not."""
         self.versions = VersionTracker(store)
         self.states: dict[tuple[str, str], CheckState] = {}
         self._views: dict[str, _ServiceView] = {}
@@ -304,9 +309,14 @@ class Engine:
             self.check_state(service.name, c.name).phase is Phase.FIRING
             for c in service.rules.check
         )
-        baked = self.versions.update_bake(
-            service.name, now, healthy, service.rules.service.bake_time
-        )
+        try:
+            baked = self.versions.update_bake(
+                service.name, now, healthy, service.rules.service.bake_time
+            )
+        except StoreError as exc:
+            # Read back from the store on the next evaluation: nothing is lost but time.
+            log.critical("bake clock not recorded", service=service.name, error=str(exc))
+            return None
         if baked is not None:
             view = self._views.setdefault(service.name, _ServiceView())
             for check_name, value in view.last_values.items():
@@ -521,6 +531,7 @@ class Engine:
     ) -> None:
         by_labels = {m.labels: m for m in evaluation.measurements}
         now = evaluation.at
+        fired_now: set[Labels] = set()
         for change in evaluation.changes:
             if change.transition is Transition.BLIND:
                 self._set_blind((service.name, check.name), True, evaluation)
@@ -546,9 +557,14 @@ class Engine:
                     reason=measurement.reason,
                     action=check.action.value,
                 )
-                self._emit("check.breach", service.name, now, _measurement_data(firing))
-                if self.on_fire is not None:
-                    await self.on_fire(firing)
+                fired_now.add(change.labels)
+                try:
+                    self._emit("check.breach", service.name, now, _measurement_data(firing))
+                except StoreError as exc:
+                    # Not recorded is no reason not to act: the pipeline decides, and
+                    # refuses what it cannot record itself.
+                    log.critical("check.breach not recorded", service=service.name, error=str(exc))
+                await self._hand_over((service.name, check.name, change.labels), firing)
             elif change.transition is Transition.RECOVERED and change.labels is not None:
                 recovered = by_labels.get(change.labels)
                 log.info("check recovered", service=service.name, check=check.name)
@@ -569,6 +585,35 @@ class Engine:
                     check=check.name,
                     series=dict(change.labels or ()),
                 )
+        await self._hand_over_again(service, check, evaluation, fired_now)
+
+    async def _hand_over(self, key: tuple[str, str, Labels], firing: Firing) -> None:
+        if self.on_fire is None:
+            return
+        if await self.on_fire(firing):
+            self._not_handed_over.pop(key, None)
+            return
+        if key not in self._not_handed_over:
+            log.critical(
+                "firing not handed over: the state store failed; it is handed over again "
+                "on every evaluation while the check fires",
+                service=firing.service,
+                check=firing.check,
+            )
+        self._not_handed_over[key] = firing
+
+    async def _hand_over_again(
+        self, service: Service, check: CheckSpec, evaluation: CheckEvaluation, skip: set[Labels]
+    ) -> None:
+        """Firings of this check not yet handed over, again, while their series fires."""
+        for key, firing in list(self._not_handed_over.items()):
+            if key[:2] != (service.name, check.name) or key[2] in skip:
+                continue
+            series = evaluation.state.series.get(key[2])
+            if series is None or series.phase is not Phase.FIRING:
+                del self._not_handed_over[key]  # over: nothing left to act on
+                continue
+            await self._hand_over(key, replace(firing, at=evaluation.at))
 
     def _set_blind(self, key: tuple[str, str], blind: bool, evaluation: CheckEvaluation) -> None:
         was_any = bool(self._blind)

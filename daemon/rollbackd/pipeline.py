@@ -167,11 +167,13 @@ class Pipeline:
 
     # -- entry points ---------------------------------------------------------------
 
-    async def on_fire(self, firing: Firing) -> None:
-        """The engine's hook: a check fired."""
+    async def on_fire(self, firing: Firing) -> bool:
+        """The engine's hook: a check fired. False when the decision could not be recorded
+        (the state store failed): the engine hands the firing over again later."""
         if firing.action is Action.NOTIFY:
-            return  # the engine already published check.breach; people are told, no rollback
-        await self.submit(Trigger.from_firing(firing))
+            return True  # the engine published check.breach; people are told, no rollback
+        submission = await self.submit(Trigger.from_firing(firing))
+        return submission.outcome != "unrecorded"
 
     async def submit(self, trigger: Trigger) -> Submission:
         service = self._service(trigger.service)
