@@ -8,7 +8,7 @@ from typing import Self
 from pydantic import Field, field_validator, model_validator
 
 from rollbackd.checks import Check
-from rollbackd.checks.base import Action, LabelName, Matchers, Name
+from rollbackd.checks.base import Action, LabelName, Matchers, Name, PromQL
 from rollbackd.durations import Duration
 from rollbackd.executors import Executor
 from rollbackd.matchers import MatcherError, parse_matchers
@@ -35,18 +35,11 @@ class ServiceSection(Strict):
 
 
 class CanarySection(Strict):
-    active_query: str = Field(
+    active_query: PromQL = Field(
         min_length=1,
         description="PromQL: a non-empty, non-zero answer means a canary is in progress",
     )
     abort: list[Executor] = Field(min_length=1)
-
-    @field_validator("active_query")
-    @classmethod
-    def _not_blank(cls, value: str) -> str:
-        if not value.strip():
-            raise ValueError("must be a PromQL expression, not blank")
-        return value
 
 
 class VerifySection(Strict):

@@ -63,7 +63,15 @@ def _matchers(value: str) -> str:
     return value.strip().rstrip(",").strip()
 
 
+def _promql(value: str) -> str:
+    if not value.strip():
+        raise ValueError("must be a PromQL expression, not blank")
+    return value
+
+
 Name = Annotated[str, AfterValidator(_name)]
+PromQL = Annotated[str, AfterValidator(_promql)]
+"""A PromQL expression as its author wrote it: run as written, never blank."""
 MetricName = Annotated[str, AfterValidator(_metric)]
 LabelName = Annotated[str, AfterValidator(_label)]
 Matchers = Annotated[str, AfterValidator(_matchers)]

@@ -4,23 +4,16 @@ from __future__ import annotations
 
 from typing import Literal, Self
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, model_validator
 
-from rollbackd.checks.base import CheckSpec, Comparison, Query, Threshold
+from rollbackd.checks.base import CheckSpec, Comparison, PromQL, Query, Threshold
 
 
 class QueryCheck(CheckSpec):
     type: Literal["query"]
-    query: str = Field(min_length=1, description="PromQL; each series of a vector is judged")
+    query: PromQL = Field(min_length=1, description="PromQL; each series of a vector is judged")
     above: float | None = None
     below: float | None = None
-
-    @field_validator("query")
-    @classmethod
-    def _not_blank(cls, value: str) -> str:
-        if not value.strip():
-            raise ValueError("must be a PromQL expression, not blank")
-        return value
 
     @model_validator(mode="after")
     def _one_threshold(self) -> Self:
