@@ -7,8 +7,6 @@ The tests' own git commands use the real git with the machine's configuration sh
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -18,11 +16,11 @@ from pydantic import ValidationError
 
 from rollbackd.executors.base import RollbackContext
 from rollbackd.executors.git import GitExecutor, GitRun
+from support.real_git import REAL_GIT, git
 from support.recording_tools import RecordingTool, RecordingToolFactory, recording_tool
 
 __all__ = ["recording_tool"]  # the fixture, imported for pytest
 
-REAL_GIT = shutil.which("git")
 pytestmark = pytest.mark.skipif(REAL_GIT is None, reason="git is not installed")
 
 MANIFEST = "deploy/checkout.yaml"
@@ -53,26 +51,6 @@ def manifest(version: str, replicas: int = 3) -> str:
         "        - name: app\n"
         f"          image: registry.example/checkout:{version}\n"
     )
-
-
-def git(*args: str, cwd: Path) -> str:
-    """The real git, as a developer: its own identity, no machine configuration."""
-    assert REAL_GIT is not None
-    env = {
-        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-        "HOME": str(cwd),
-        "GIT_CONFIG_NOSYSTEM": "1",
-        "GIT_CONFIG_GLOBAL": "/dev/null",
-        "GIT_AUTHOR_NAME": "Developer",
-        "GIT_AUTHOR_EMAIL": "dev@example.com",
-        "GIT_COMMITTER_NAME": "Developer",
-        "GIT_COMMITTER_EMAIL": "dev@example.com",
-        "LC_ALL": "C",
-    }
-    done = subprocess.run(
-        [REAL_GIT, *args], cwd=cwd, env=env, check=True, capture_output=True, text=True
-    )
-    return done.stdout
 
 
 class Remote:

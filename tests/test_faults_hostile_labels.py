@@ -21,8 +21,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -46,6 +44,7 @@ from support.daemon_process import RECORD, DaemonProcess, InProcessDaemon, execu
 from support.fake_service import FakeService
 from support.hostile_http import Recorded, RecordingServer, Reply, always
 from support.prometheus import PrometheusServer, ScrapeTarget
+from support.real_git import REAL_GIT, git
 from support.recording_tools import RecordingTool, RecordingToolFactory, recording_tool
 
 __all__ = ["recording_tool"]  # the fixture, imported for pytest
@@ -65,7 +64,6 @@ DEFAULT_MAX_BODY = 1_048_576
 """``[server].max_body``'s default (config.ServerSection)."""
 HUGE = 200_000
 GOOD, BAD = "1.0.0", "2.0.0"
-REAL_GIT = shutil.which("git")
 
 
 def expand(template: str, values: Mapping[str, str]) -> str:
@@ -198,26 +196,6 @@ def webhook(*alerts: dict[str, Any], receiver: str = "rollbackd") -> dict[str, A
 
 
 # -- the places each executor may write to, and what it is given ---------------------------
-
-
-def git(*args: str, cwd: Path) -> str:
-    """The real git as a developer, the machine's configuration shut out."""
-    assert REAL_GIT is not None
-    env = {
-        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-        "HOME": str(cwd),
-        "GIT_CONFIG_NOSYSTEM": "1",
-        "GIT_CONFIG_GLOBAL": "/dev/null",
-        "GIT_AUTHOR_NAME": "Developer",
-        "GIT_AUTHOR_EMAIL": "dev@example.com",
-        "GIT_COMMITTER_NAME": "Developer",
-        "GIT_COMMITTER_EMAIL": "dev@example.com",
-        "LC_ALL": "C",
-    }
-    done = subprocess.run(
-        [REAL_GIT, *args], cwd=cwd, env=env, check=True, capture_output=True, text=True
-    )
-    return done.stdout
 
 
 MANIFEST = "deploy/app.yaml"
