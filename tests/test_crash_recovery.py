@@ -6,10 +6,8 @@ daemon was down). Run as a user runs it: `rollbackd run` processes."""
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -17,12 +15,13 @@ from typing import Any
 
 import pytest
 
-from support.configs import write_config
+from support.configs import checkout_rules, write_config
 from support.daemon_process import (
     TOKEN,
     TOKEN_ENV,
     DaemonProcess,
     alert_service,
+    executions,
     run_cli,
     set_mode,
 )
@@ -30,44 +29,6 @@ from support.fake_service import FakeService
 from support.prometheus import PrometheusServer, ScrapeTarget, poll
 
 pytestmark = [pytest.mark.prometheus, pytest.mark.faults]
-
-DEPLOY = str(Path(__file__).parent / "support" / "deploy.py")
-
-
-def rules(
-    control: str,
-    log: Path,
-    *flags: str,
-    verify_window: str = "2s",
-    version_timeout: str = "10s",
-) -> str:
-    argv = [sys.executable, DEPLOY, control, "{to_version}", "--log", str(log), *flags]
-    return f"""
-[service]
-name = "checkout"
-version_query = 'max by (version) (app_build_info{{service="checkout"}})'
-version_label = "version"
-bake_time = "2s"
-
-[[rollback]]
-type = "command"
-argv = {json.dumps(argv)}
-timeout = "10m"
-
-[verify]
-window = "{verify_window}"
-version_timeout = "{version_timeout}"
-
-[[check]]
-name = "errors"
-type = "error_rate"
-selector = 'service="checkout"'
-errors = 'code=~"5.."'
-above = 0.1
-window = "10s"
-breaches = 2
-interval = "1s"
-"""
 
 
 class Daemon(DaemonProcess):
@@ -89,10 +50,6 @@ def runs() -> Iterator[list[int]]:
             os.killpg(pid, signal.SIGKILL)
 
 
-def executions(log: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
-
-
 def scenario(
     tmp_path: Path,
     prometheus_factory: Callable[..., PrometheusServer],
@@ -108,7 +65,7 @@ def scenario(
     config = write_config(
         tmp_path,
         prometheus.url,
-        {"checkout": rules(f"{fake_service.url}/control", log, *flags, **verify)},
+        {"checkout": checkout_rules(f"{fake_service.url}/control", log, *flags, **verify)},
     )
     daemon = Daemon(config)
     daemon.start()

@@ -7,8 +7,6 @@ when it is back they see again — and a bad release after all that is still cau
 from __future__ import annotations
 
 import contextlib
-import json
-import sys
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -16,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from support.configs import write_config
+from support.configs import checkout_rules, write_config
 from support.daemon_process import DaemonProcess, executions
 from support.fake_service import FakeService
 from support.hostile_http import STARTING, Recorded, RecordingServer, Reply
@@ -24,7 +22,6 @@ from support.prometheus import PrometheusServer, ScrapeTarget, poll
 
 pytestmark = [pytest.mark.prometheus, pytest.mark.faults]
 
-DEPLOY = str(Path(__file__).parent / "support" / "deploy.py")
 
 GARBAGE = Reply(200, b'{"status": "success", "data": {"resultType": "vector", "result": [{')
 WRONG_SHAPE = Reply(200, b'{"status": "success", "data": {"resultType": "matrix", "result": 7}}')
@@ -85,32 +82,6 @@ class FaultyProxy:
         self._client.close()
 
 
-RULES = """
-[service]
-name = "checkout"
-version_query = 'max by (version) (app_build_info{{service="checkout"}})'
-version_label = "version"
-bake_time = "2s"
-rollback_window = "1h"
-
-{rollback}
-
-[verify]
-window = "1s"
-version_timeout = "20s"
-
-[[check]]
-name = "errors"
-type = "error_rate"
-selector = 'service="checkout"'
-errors = 'code=~"5.."'
-above = 0.1
-window = "10s"
-breaches = 2
-interval = "1s"
-"""
-
-
 @pytest.fixture
 def stack(
     tmp_path: Path,
@@ -120,20 +91,14 @@ def stack(
     prometheus = prometheus_factory(targets=[ScrapeTarget(fake_service.address)])
     prometheus.wait_for('sum(rate(http_requests_total{service="checkout"}[10s])) > 0')
     log = tmp_path / "executions.jsonl"
-    argv = [
-        sys.executable,
-        DEPLOY,
-        f"{fake_service.url}/control",
-        "{to_version}",
-        "--log",
-        str(log),
-    ]
-    deploy = f'[[rollback]]\ntype = "command"\nargv = {json.dumps(argv)}\ntimeout = "30s"\n'
+    rules = checkout_rules(
+        f"{fake_service.url}/control", log, verify_window="1s", version_timeout="20s"
+    )
     with FaultyProxy(prometheus.url) as proxy:
         config = write_config(
             tmp_path,
             proxy.url,
-            {"checkout": RULES.format(rollback=deploy)},
+            {"checkout": rules},
             timeout="1s",
         )
         daemon = DaemonProcess(config)
