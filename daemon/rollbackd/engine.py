@@ -82,6 +82,7 @@ class CheckEvaluation:
 
 
 REJECTED_LOGGED_LIMIT = 64
+"""Rejected version labels remembered per service as already logged."""
 
 
 @dataclass

@@ -671,6 +671,11 @@ class Pipeline:
         task.add_done_callback(self._tasks.discard)
 
 
+def _expired(rollback: Rollback, now: float) -> bool:
+    """A pending approval past its deadline."""
+    return rollback.expires_at is not None and rollback.expires_at <= now
+
+
 def _runner(spec: ExecutorSpec) -> Executor[Any]:
     runner = getattr(spec, "runner", None)
     if runner is None:
@@ -680,7 +685,3 @@ def _runner(spec: ExecutorSpec) -> Executor[Any]:
 
 
 __all__ = ["Mode", "Pipeline", "Submission", "Trigger", "UnknownService"]
-
-
-def _expired(rollback: Rollback, now: float) -> bool:
-    return rollback.expires_at is not None and rollback.expires_at <= now
