@@ -3,11 +3,13 @@
 Table tests over the pure ``step``/``step_check`` functions: each row is a sequence of
 evaluations ``(verdict, seconds after the start, expected phase, expected transitions)``.
 Property tests then check, against a tiny reference model, that gaps (no data, errors,
-vanished series) never fire a check and never claim a recovery.
+vanished series) never fire a check and never claim a recovery, and that ``for`` and
+``breaches`` count only a continuous run: since the last no data, through held errors only.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -43,7 +45,9 @@ IGNORE, BREACH = OnMissing.IGNORE, OnMissing.BREACH
 FOR_60 = Policy(for_=timedelta(seconds=60), breaches=DEFAULT_BREACHES)
 FOR_0 = Policy(for_=timedelta(0), breaches=DEFAULT_BREACHES)
 N3 = Policy(for_=None, breaches=3)
+N2 = Policy(for_=None, breaches=2)
 N1 = Policy(for_=None, breaches=1)
+N3_NO_HOLD = Policy(for_=None, breaches=3, error_hold=0)
 N3_NO_DATA = Policy(for_=None, breaches=3, on_no_data=BREACH)
 N3_ERROR = Policy(for_=None, breaches=3, on_error=BREACH)
 FOR_60_NO_DATA = Policy(for_=timedelta(seconds=60), breaches=3, on_no_data=BREACH)
@@ -91,14 +95,39 @@ STEP_TABLE: list[tuple[str, Policy, list[Row]]] = [
         ],
     ),
     (
-        "for: a gap holds the run, elapsed still counts from pending_since",
+        "for: held errors keep the run, elapsed still counts from pending_since",
         FOR_60,
-        [(B, 0, PEND, "pending"), (N, 30, PEND, ""), (E, 45, PEND, ""), (B, 60, FIRE, "fired")],
+        [(B, 0, PEND, "pending"), (E, 30, PEND, ""), (E, 45, PEND, ""), (B, 60, FIRE, "fired")],
     ),
     (
-        "for: gaps past for never fire by themselves",
+        "for: an error past for never fires by itself, the next breach does",
         FOR_60,
-        [(B, 0, PEND, "pending"), (N, 60, PEND, ""), (N, 120, PEND, ""), (E, 600, PEND, "")],
+        [(B, 0, PEND, "pending"), (E, 60, PEND, ""), (E, 75, PEND, ""), (B, 90, FIRE, "fired")],
+    ),
+    (
+        "for: no data ends the run, the next breach starts the clock again",
+        FOR_60,
+        [
+            (B, 0, PEND, "pending"),
+            (N, 30, OK, "cleared"),
+            (B, 45, PEND, "pending"),
+            (B, 90, PEND, ""),
+            (B, 105, FIRE, "fired"),
+        ],
+    ),
+    (
+        "for: the (error_hold + 1)-th consecutive error ends the run",
+        FOR_60,
+        [
+            (B, 0, PEND, "pending"),
+            (E, 15, PEND, ""),
+            (E, 30, PEND, ""),
+            (E, 45, PEND, ""),
+            (E, 60, OK, "cleared"),
+            (B, 75, PEND, "pending"),
+            (B, 120, PEND, ""),
+            (B, 135, FIRE, "fired"),
+        ],
     ),
     (
         "for = 0: one breach goes ok -> firing",
@@ -152,17 +181,67 @@ STEP_TABLE: list[tuple[str, Policy, list[Row]]] = [
     ),
     # --- gaps: NO_DATA and ERROR with on_no_data / on_error = ignore ---
     (
-        "gaps hold pending and do not count; breaches continue after them",
+        "held errors neither count nor break a run; breaches continue after them",
         N3,
         [
             (B, 0, PEND, "pending"),
-            (N, 15, PEND, ""),
+            (E, 15, PEND, ""),
             (E, 30, PEND, ""),
-            (N, 45, PEND, ""),
+            (E, 45, PEND, ""),
             (B, 60, PEND, ""),
             (E, 75, PEND, ""),
             (B, 90, FIRE, "fired"),
         ],
+    ),
+    (
+        "a judged evaluation resets the consecutive errors: only a streak ends a run",
+        N3,
+        [
+            (B, 0, PEND, "pending"),
+            (E, 15, PEND, ""),
+            (E, 30, PEND, ""),
+            (E, 45, PEND, ""),
+            (B, 60, PEND, ""),
+            (E, 75, PEND, ""),
+            (E, 90, PEND, ""),
+            (E, 105, PEND, ""),
+            (B, 120, FIRE, "fired"),
+        ],
+    ),
+    (
+        "no data breaks a run: breach, no data, breach never fires breaches = 2",
+        N2,
+        [
+            (B, 0, PEND, "pending"),
+            (N, 15, OK, "cleared"),
+            (B, 3600, PEND, "pending"),
+            (N, 3615, OK, "cleared"),
+            (B, 7200, PEND, "pending"),
+        ],
+    ),
+    (
+        "breach, an outage longer than error_hold, breach never fires breaches = 2",
+        N2,
+        [
+            (B, 0, PEND, "pending"),
+            (E, 15, PEND, ""),
+            (E, 30, PEND, ""),
+            (E, 45, PEND, ""),
+            (E, 60, OK, "cleared"),
+            *[(E, 75 + 15 * i, OK, "") for i in range(5)],
+            (B, 150, PEND, "pending"),
+            (B, 165, FIRE, "fired"),
+        ],
+    ),
+    (
+        "error_hold = 0: the first error ends a pending run",
+        N3_NO_HOLD,
+        [(B, 0, PEND, "pending"), (E, 15, OK, "cleared"), (B, 30, PEND, "pending")],
+    ),
+    (
+        "a held error then no data: the no data ends the run",
+        N3,
+        [(B, 0, PEND, "pending"), (E, 15, PEND, ""), (N, 30, OK, "cleared")],
     ),
     (
         "gaps hold firing: no recovery without an OK",
@@ -189,13 +268,24 @@ STEP_TABLE: list[tuple[str, Policy, list[Row]]] = [
         [(E, 15 * i, OK, "") for i in range(10)],
     ),
     (
-        "a NaN run (no traffic) in the middle of a pending run, then OK clears",
+        "a NaN run (no traffic) ends a pending run at its first evaluation",
         N3,
         [
             (B, 0, PEND, "pending"),
             (B, 15, PEND, ""),
-            *[(N, 30 + 15 * i, PEND, "") for i in range(8)],
-            (O, 150, OK, "cleared"),
+            (N, 30, OK, "cleared"),
+            *[(N, 45 + 15 * i, OK, "") for i in range(7)],
+            (O, 150, OK, ""),
+        ],
+    ),
+    (
+        "errors while firing, any number of them: still the same firing",
+        N1,
+        [
+            (B, 0, FIRE, "pending fired"),
+            *[(E, 15 + 15 * i, FIRE, "") for i in range(8)],
+            (B, 135, FIRE, ""),
+            (O, 150, OK, "recovered"),
         ],
     ),
     (
@@ -224,9 +314,21 @@ STEP_TABLE: list[tuple[str, Policy, list[Row]]] = [
         [(B, 0, PEND, "pending"), (N, 15, PEND, ""), (B, 30, FIRE, "fired")],
     ),
     (
-        "on_no_data = breach: errors are still gaps",
+        "on_no_data = breach: errors are still gaps, held",
         N3_NO_DATA,
         [(N, 0, PEND, "pending"), (E, 15, PEND, ""), (E, 30, PEND, ""), (N, 45, PEND, "")],
+    ),
+    (
+        "on_no_data = breach: an error streak past error_hold still ends the run",
+        N3_NO_DATA,
+        [
+            (N, 0, PEND, "pending"),
+            (E, 15, PEND, ""),
+            (E, 30, PEND, ""),
+            (E, 45, PEND, ""),
+            (E, 60, OK, "cleared"),
+            (N, 75, PEND, "pending"),
+        ],
     ),
     (
         "on_no_data = breach with for: a NaN run lasting for fires",
@@ -239,9 +341,20 @@ STEP_TABLE: list[tuple[str, Policy, list[Row]]] = [
         [(E, 0, PEND, "pending"), (E, 15, PEND, ""), (E, 30, FIRE, "fired")],
     ),
     (
-        "on_error = breach: no data is still a gap",
+        "on_error = breach: no data still ends a run",
         N3_ERROR,
-        [(E, 0, PEND, "pending"), (N, 15, PEND, ""), (E, 30, PEND, ""), (E, 45, FIRE, "fired")],
+        [
+            (E, 0, PEND, "pending"),
+            (N, 15, OK, "cleared"),
+            (E, 30, PEND, "pending"),
+            (E, 45, PEND, ""),
+            (E, 60, FIRE, "fired"),
+        ],
+    ),
+    (
+        "on_error = breach: errors are breaches, never held, so any number of them count",
+        N3_ERROR,
+        [(B, 0, PEND, "pending"), (E, 15, PEND, ""), (E, 30, FIRE, "fired"), (E, 45, FIRE, "")],
     ),
     # --- clearing and recovering ---
     (
@@ -281,21 +394,39 @@ def test_step_table(policy: Policy, rows: list[Row]) -> None:
         assert (state.phase, got) == (phase, transitions(expected)), f"evaluation {i}"
         assert state.last_verdict is verdict
         assert state.last_evaluated == at(seconds)
+        if state.phase is not PEND or verdict is not E:
+            assert state.errors_held == 0, f"evaluation {i}"
 
 
 def test_step_records_when_a_run_started_and_fired() -> None:
     state = SeriesState()
     state, _ = step(state, B, at(0), N3)
     assert (state.pending_since, state.firing_since, state.breach_count) == (at(0), None, 1)
-    state, _ = step(state, N, at(15), N3)
-    assert (state.pending_since, state.breach_count) == (at(0), 1)
+    state, _ = step(state, E, at(15), N3)
+    assert (state.pending_since, state.breach_count, state.errors_held) == (at(0), 1, 1)
     state, _ = step(state, B, at(30), N3)
+    assert (state.pending_since, state.breach_count, state.errors_held) == (at(0), 2, 0)
     state, _ = step(state, B, at(45), N3)
     assert state == SeriesState(FIRE, at(0), at(45), 3, B, at(45))
     state, _ = step(state, B, at(60), N3)
     assert (state.firing_since, state.breach_count) == (at(45), 4)
     state, _ = step(state, O, at(75), N3)
     assert state == SeriesState(OK, None, None, 0, O, at(75))
+
+
+def test_step_counts_held_errors_and_clears_past_the_hold() -> None:
+    policy = Policy(for_=None, breaches=3, error_hold=2)
+    state, _ = step(SeriesState(), B, at(0), policy)
+    held = []
+    for i in range(1, 4):
+        state, got = step(state, E, at(15 * i), policy)
+        held.append((state.phase, state.errors_held, got))
+    assert held == [
+        (PEND, 1, ()),
+        (PEND, 2, ()),
+        (OK, 0, (Transition.CLEARED,)),
+    ]
+    assert state == SeriesState(OK, None, None, 0, E, at(45))
 
 
 def test_step_with_a_clock_stepping_back_never_fires_early() -> None:
@@ -368,7 +499,7 @@ def judged(**verdicts: Verdict) -> Judged:
     )
 
 
-def errors(first: float, count: int, phase: Phase, blind_at: int) -> list[CheckRow]:
+def errors(first: float, count: int, phase: Phase, blind_at: int | None = None) -> list[CheckRow]:
     """``count`` failed evaluations 15s apart, the ``blind_at``-th (from 0) turning blind."""
     return [
         (ERR, first + 15 * i, phase, [(None, "blind")] if i == blind_at else [])
@@ -397,8 +528,36 @@ CHECK_TABLE: list[tuple[str, Policy, list[CheckRow]]] = [
             (judged(a=B, z=B), 15, PEND, []),
             (judged(a=B, z=O), 30, FIRE, [(A, "fired"), (Z, "cleared")]),
             (judged(a=B, z=B), 45, FIRE, [(Z, "pending")]),
-            *errors(first=60, count=10, phase=FIRE, blind_at=2),
-            (judged(a=O, z=O), 300, OK, [(None, "sighted"), (A, "recovered"), (Z, "cleared")]),
+            *errors(first=60, count=3, phase=FIRE, blind_at=2),
+            # The fourth error in a row is one past error_hold: pending Z's run is over,
+            # firing A is kept (no recovery without evidence).
+            (ERR, 105, FIRE, [(Z, "cleared")]),
+            *errors(first=120, count=6, phase=FIRE),
+            (judged(a=O, z=O), 300, OK, [(None, "sighted"), (A, "recovered")]),
+        ],
+    ),
+    (
+        "a pending series is held through error_hold failed queries, then breaches on",
+        N3,
+        [
+            (judged(a=B), 0, PEND, [(A, "pending")]),
+            (ERR, 15, PEND, []),
+            (ERR, 30, PEND, []),
+            (judged(a=B), 45, PEND, []),
+            (ERR, 60, PEND, []),
+            (judged(a=B), 75, FIRE, [(A, "fired")]),
+        ],
+    ),
+    (
+        "a pending series is cleared by one failed query past error_hold, while blind",
+        N3,
+        [
+            (judged(a=B), 0, PEND, [(A, "pending")]),
+            (ERR, 15, PEND, []),
+            (ERR, 30, PEND, []),
+            (ERR, 45, PEND, [(None, "blind")]),
+            (ERR, 60, OK, [(A, "cleared")]),
+            (judged(a=B), 75, PEND, [(None, "sighted"), (A, "pending")]),
         ],
     ),
     (
@@ -448,13 +607,16 @@ CHECK_TABLE: list[tuple[str, Policy, list[CheckRow]]] = [
         ],
     ),
     (
-        "a vanished pending series gets no data: held, never fired",
+        "a vanished pending series gets no data: cleared at once, and a new run starts over",
         N3,
         [
             (judged(a=B, z=O), 0, PEND, [(A, "pending")]),
             (judged(a=B, z=O), 15, PEND, []),
-            *[(judged(z=O), 30 + 15 * i, PEND, []) for i in range(5)],
-            (judged(a=O, z=O), 120, OK, [(A, "cleared")]),
+            (judged(z=O), 30, OK, [(A, "cleared")]),
+            *[(judged(z=O), 45 + 15 * i, OK, []) for i in range(4)],
+            (judged(a=B, z=O), 120, PEND, [(A, "pending")]),
+            (judged(a=B, z=O), 135, PEND, []),
+            (judged(a=B, z=O), 150, FIRE, [(A, "fired")]),
         ],
     ),
     (
@@ -551,8 +713,15 @@ def test_firing_series_lists_only_the_firing_ones() -> None:
 
 
 def test_vanished_series_get_no_data() -> None:
-    state, _ = run_check(N3, judged(a=B, z=O), judged(z=O))
-    assert state.series[A] == SeriesState(PEND, at(0), None, 1, N, at(15))
+    state, changes = run_check(N3, judged(a=B, z=O), judged(z=O))
+    assert changes == [Change(A, Transition.CLEARED, SeriesState(OK, None, None, 0, N, at(15)))]
+    assert set(state.series) == {Z}
+
+
+def test_vanished_firing_series_stay_firing() -> None:
+    state, changes = run_check(N1, judged(a=B, z=O), judged(z=O), judged(z=O))
+    assert changes == []
+    assert state.series[A] == SeriesState(FIRE, at(0), at(0), 1, N, at(30))
 
 
 def test_vanished_ok_series_are_dropped() -> None:
@@ -639,18 +808,45 @@ IGNORING = st.builds(
     breaches=st.integers(min_value=1, max_value=5),
     on_no_data=st.just(IGNORE),
     on_error=st.just(IGNORE),
+    error_hold=st.integers(min_value=0, max_value=4),
 )
 
 
-def longest_run_ignoring_gaps(verdicts: list[Verdict]) -> int:
-    run = longest = 0
-    for v in verdicts:
-        if v is B:
-            run += 1
-        elif v is O:
-            run = 0
-        longest = max(longest, run)
-    return longest
+@dataclass(frozen=True)
+class Model:
+    """The reference model of one series under ``breaches`` (gaps ignored), written from
+    the rules in the module docstring, not from the code."""
+
+    phase: Phase = OK
+    run: int = 0
+    held: int = 0
+
+    def step(self, verdict: Verdict, policy: Policy) -> Model:
+        if verdict is O:
+            return Model()
+        if verdict is B:
+            run = self.run + 1
+            firing = self.phase is FIRE or run >= policy.breaches
+            return Model(FIRE if firing else PEND, run)
+        if self.phase is not PEND:
+            return Model(self.phase, self.run)  # ok stays ok, firing stays firing
+        if verdict is E and self.held < policy.error_hold:
+            return Model(PEND, self.run, self.held + 1)
+        return Model()
+
+
+def current_run(verdicts: list[Verdict], error_hold: int) -> list[int]:
+    """Indexes of the breaches of the run still going on at the end of ``verdicts``: since
+    the last OK, NO_DATA or streak of more than ``error_hold`` errors."""
+    run: list[int] = []
+    streak = 0
+    for i, v in enumerate(verdicts):
+        streak = streak + 1 if v is E else 0
+        if v in (O, N) or streak > error_hold:
+            run = []
+        elif v is B:
+            run.append(i)
+    return run
 
 
 @given(policy=IGNORING, verdicts=st.lists(VERDICTS, max_size=40))
@@ -658,70 +854,84 @@ def test_property_breaches_fire_only_after_n_consecutive_breaches(
     policy: Policy, verdicts: list[Verdict]
 ) -> None:
     state = SeriesState()
-    run = 0
+    model = Model()
     for i, verdict in enumerate(verdicts):
         before = state
         state, got = step(state, verdict, at(15 * i), policy)
-        if verdict is B:
-            run += 1
-        elif verdict is O:
-            run = 0
-        # The reference model: gaps neither count nor break a run.
-        expected = OK if run == 0 else PEND if run < policy.breaches else FIRE
-        assert state.phase is expected
-        assert state.breach_count == run
-        if state.phase is FIRE:
-            assert longest_run_ignoring_gaps(verdicts[: i + 1]) >= policy.breaches
+        model = model.step(verdict, policy)
+        assert (state.phase, state.breach_count, state.errors_held) == (
+            model.phase,
+            model.run,
+            model.held,
+        )
+        if Transition.FIRED in got:
+            # Exactly `breaches` breaches since the last no data (held errors ignored):
+            # one more would have fired earlier.
+            assert verdict is B
+            assert len(current_run(verdicts[: i + 1], policy.error_hold)) == policy.breaches
+        if before.phase is not FIRE and verdict is B:
+            long_enough = len(current_run(verdicts[: i + 1], policy.error_hold)) >= policy.breaches
+            assert (state.phase is FIRE) == long_enough
         if before.phase is FIRE and state.phase is not FIRE:
             assert verdict is O
             assert got == (Transition.RECOVERED,)
-        if Transition.FIRED in got:
-            assert verdict is B
 
 
 @given(
     for_seconds=st.integers(min_value=0, max_value=300),
+    error_hold=st.integers(min_value=0, max_value=4),
     steps=st.lists(st.tuples(VERDICTS, st.integers(min_value=1, max_value=120)), max_size=40),
 )
-def test_property_for_fires_only_after_breaching_for_long_enough(
-    for_seconds: int, steps: list[tuple[Verdict, int]]
+def test_property_for_fires_only_after_breaching_continuously_for_long_enough(
+    for_seconds: int, error_hold: int, steps: list[tuple[Verdict, int]]
 ) -> None:
     for_ = timedelta(seconds=for_seconds)
-    policy = Policy(for_=for_, breaches=DEFAULT_BREACHES)
+    policy = Policy(for_=for_, breaches=DEFAULT_BREACHES, error_hold=error_hold)
     state = SeriesState()
     now = T0
-    run_start: datetime | None = None
+    times: list[datetime] = []
+    verdicts: list[Verdict] = []
     for verdict, gap in steps:
         now += timedelta(seconds=gap)
+        times.append(now)
+        verdicts.append(verdict)
         before = state
         state, got = step(state, verdict, now, policy)
-        if verdict is O:
-            run_start = None
-        elif verdict is B and run_start is None:
-            run_start = now
+        run = current_run(verdicts, error_hold)
+        run_start = times[run[0]] if run else None
         if Transition.FIRED in got:
             assert verdict is B
             assert run_start is not None
             assert now - run_start >= for_
+        if state.phase is PEND:
+            assert state.pending_since == run_start
         if before.phase is FIRE and state.phase is not FIRE:
             assert verdict is O
-        if before.phase is PEND and verdict is B and run_start is not None:
-            fired = now - run_start >= for_
-            assert (state.phase is FIRE) == fired
+        if before.phase is not FIRE and verdict is B:
+            assert run_start is not None
+            assert (state.phase is FIRE) == (now - run_start >= for_)
 
 
 @given(policy=IGNORING, verdicts=st.lists(st.sampled_from([N, E]), max_size=30))
-def test_property_gaps_alone_change_nothing(policy: Policy, verdicts: list[Verdict]) -> None:
+def test_property_gaps_alone_never_fire_nor_recover(
+    policy: Policy, verdicts: list[Verdict]
+) -> None:
     for start in (SeriesState(), SeriesState(PEND, T0, None, 1), SeriesState(FIRE, T0, T0, 3)):
         state = start
         for i, verdict in enumerate(verdicts):
             state, got = step(state, verdict, at(15 * i), policy)
-            assert got == ()
-        assert (state.phase, state.pending_since, state.breach_count) == (
-            start.phase,
-            start.pending_since,
-            start.breach_count,
-        )
+            assert got in ((), (Transition.CLEARED,))
+        if start.phase is PEND and current_run([B, *verdicts], policy.error_hold):
+            # Held: only errors, no more of them in a row than error_hold.
+            assert (state.phase, state.pending_since, state.breach_count) == (PEND, T0, 1)
+        elif start.phase is PEND:
+            assert state.phase is OK
+        else:
+            assert (state.phase, state.pending_since, state.firing_since) == (
+                start.phase,
+                start.pending_since,
+                start.firing_since,
+            )
 
 
 NAMES = ("a", "z")
@@ -739,21 +949,24 @@ def test_property_errors_and_vanished_series_never_fire_a_check(
     policy: Policy, outcomes: list[Outcome]
 ) -> None:
     state = CheckState()
-    runs: dict[Labels, int] = {(("version", n),): 0 for n in NAMES}
+    models: dict[Labels, Model] = {(("version", n),): Model() for n in NAMES}
     for i, outcome in enumerate(outcomes):
         before = state
         state, changes = step_check(state, outcome, at(15 * i), policy)
-        if isinstance(outcome, Judged):
-            for labels, verdict in outcome.verdicts.items():
-                if verdict is B:
-                    runs[labels] += 1
-                elif verdict is O:
-                    runs[labels] = 0
-        for labels, run in runs.items():
-            expected = OK if run == 0 else PEND if run < policy.breaches else FIRE
-            assert state.series.get(labels, SeriesState()).phase is expected
-            if run == 0 and isinstance(outcome, Judged) and labels not in outcome.verdicts:
-                assert labels not in state.series
+        for labels in models:
+            # What each series was told: its verdict, no data when it vanished, an error
+            # when the query failed; nothing when it was not known to begin with.
+            if isinstance(outcome, Judged) and labels in outcome.verdicts:
+                models[labels] = models[labels].step(outcome.verdicts[labels], policy)
+            elif labels in before.series:
+                models[labels] = models[labels].step(
+                    N if isinstance(outcome, Judged) else E, policy
+                )
+            expected = models[labels]
+            got = state.series.get(labels, SeriesState())
+            assert (got.phase, got.breach_count) == (expected.phase, expected.run)
+            if expected.phase is OK and isinstance(outcome, Judged):
+                assert labels not in state.series or labels in outcome.verdicts
         for change in changes:
             if change.transition is Transition.FIRED:
                 assert isinstance(outcome, Judged)

@@ -11,11 +11,9 @@ One series (:func:`step`)
 
     * Effective verdict. ``NO_DATA`` counts as ``BREACH`` only when the check says
       ``on_no_data = "breach"``, ``ERROR`` only when it says ``on_error = "breach"``.
-      Otherwise both are *gaps*: a gap never moves a series toward firing and never resets
-      or clears it. A pending series stays pending with its ``breach_count`` unchanged; a
-      firing series stays firing, since no recovery is claimed without evidence. So missing
-      data alone never rolls a release back, and one failed scrape never makes the daemon
-      forget a real breach.
+      Otherwise both are *gaps*, and a gap never moves a series toward firing. ``for`` and
+      ``breaches`` mean *continuously*, as a Prometheus alerting rule does: a run is only as
+      long as the evidence that it went on.
     * ``OK``: pending -> ok (``CLEARED``), firing -> ok (``RECOVERED``); the run is over, so
       ``breach_count`` and ``pending_since`` reset.
     * ``BREACH``: ok -> pending (``PENDING``, ``pending_since = now``, ``breach_count = 1``),
@@ -24,8 +22,22 @@ One series (:func:`step`)
       ``breach_count >= breaches``. With ``breaches = 1`` (or ``for = 0``) one breaching
       evaluation goes straight from ok to firing and reports ``PENDING`` then ``FIRED``. A
       firing series that breaches again stays firing, with no transition.
-    * A run goes on across gaps: pending, a gap, then a breach counts ``breach_count + 1``,
-      and with ``for`` the elapsed time is still measured from ``pending_since``.
+    * ``NO_DATA`` (a gap) ends a pending run: pending -> ok (``CLEARED``), as Prometheus
+      drops a pending alert whose series is gone. The series answered, and what it said is
+      that nothing breached; a later breach starts a new run with a new ``pending_since``.
+    * ``ERROR`` (a gap) only says the daemon could not look. A pending run is *held* for up
+      to ``Policy.error_hold`` consecutive errored evaluations (``errors_held`` counts
+      them): ``breach_count`` stays as it was and, with ``for``, the time since
+      ``pending_since`` still counts, but nothing fires on an error itself; the next
+      ``BREACH`` fires if the run is long enough by then. The ``error_hold + 1``-th
+      consecutive error ends the run (``CLEARED``). Any other verdict resets the count. So
+      one failed scrape does not make the daemon forget a real breach, and an outage does
+      not stitch two breaches far apart into one run.
+    * Firing is kept through every gap, ``NO_DATA`` and ``ERROR`` alike: no recovery is
+      claimed without evidence. Only ``OK`` recovers a firing series.
+    * So ``breaches`` counts consecutive breaching evaluations, where a held error neither
+      counts nor breaks the run and ``NO_DATA`` (or too many errors) breaks it; and missing
+      data alone never rolls a release back.
     * ``now`` is trusted as given. If the clock steps backwards the elapsed time only
       shrinks, which can delay firing but never cause it.
 
@@ -42,7 +54,8 @@ One check (:func:`step_check`)
     * :class:`Judged` (the query answered): ``error_count`` resets, a blind check reports
       ``SIGHTED`` and is blind no more, and every series in the answer is stepped with its
       verdict, new ones from a fresh :class:`SeriesState`. A known series absent from the
-      answer has vanished and gets ``NO_DATA``, except:
+      answer has vanished and gets ``NO_DATA`` (so a vanished pending series is cleared and
+      dropped, a vanished firing one stays firing), except:
 
       - an absent series that is ``ok`` is dropped without being stepped. Label values churn
         (every release brings a new ``version``), so the map must not grow without bound,
@@ -109,6 +122,10 @@ class Policy:
     on_error: OnMissing = OnMissing.IGNORE
     blind_after: int = 3
     """Consecutive failed evaluations after which the check is reported blind."""
+    error_hold: int = 3
+    """Consecutive errored evaluations a pending run survives; one more ends it. As
+    ``blind_after`` by default: a run outlives the errors that make its check blind, and
+    ends at the next one."""
 
     def __post_init__(self) -> None:
         # The rule model checks these too, but a policy can be built by hand (tests,
@@ -117,17 +134,20 @@ class Policy:
             raise ValueError(f"breaches must be at least 1, got {self.breaches}")
         if self.blind_after < 1:
             raise ValueError(f"blind_after must be at least 1, got {self.blind_after}")
+        if self.error_hold < 0:
+            raise ValueError(f"error_hold must not be negative, got {self.error_hold}")
         if self.for_ is not None and self.for_ < timedelta(0):
             raise ValueError(f"for must not be negative, got {self.for_}")
 
     @classmethod
-    def from_check(cls, check: CheckSpec, *, blind_after: int = 3) -> Policy:
+    def from_check(cls, check: CheckSpec, *, blind_after: int = 3, error_hold: int = 3) -> Policy:
         return cls(
             for_=check.for_,
             breaches=check.consecutive_breaches,
             on_no_data=check.on_no_data,
             on_error=check.on_error,
             blind_after=blind_after,
+            error_hold=error_hold,
         )
 
     def effective(self, verdict: Verdict) -> Verdict:
@@ -146,10 +166,13 @@ class SeriesState:
     """The first breaching evaluation of the current run."""
     firing_since: datetime | None = None
     breach_count: int = 0
-    """Breaching evaluations in the current run (gaps neither count nor break it)."""
+    """Breaching evaluations in the current run (held errors neither count nor break it)."""
     last_verdict: Verdict | None = None
     """As the evaluator gave it, before ``on_no_data``/``on_error``."""
     last_evaluated: datetime | None = None
+    errors_held: int = 0
+    """Consecutive errored evaluations the current pending run has been held through;
+    always 0 outside ``pending``. Last, so positional construction stays as it was."""
 
 
 def _should_fire(state: SeriesState, now: datetime, policy: Policy) -> bool:
@@ -163,11 +186,11 @@ def step(
     state: SeriesState, verdict: Verdict, now: datetime, policy: Policy
 ) -> tuple[SeriesState, tuple[Transition, ...]]:
     """One evaluation of one series: the new state and what changed, in order."""
-    seen = replace(state, last_verdict=verdict, last_evaluated=now)
+    seen = replace(state, last_verdict=verdict, last_evaluated=now, errors_held=0)
     effective = policy.effective(verdict)
+    cleared = SeriesState(last_verdict=verdict, last_evaluated=now)
 
     if effective is Verdict.OK:
-        cleared = SeriesState(last_verdict=verdict, last_evaluated=now)
         if state.phase is Phase.FIRING:
             return cleared, (Transition.RECOVERED,)
         if state.phase is Phase.PENDING:
@@ -175,7 +198,11 @@ def step(
         return cleared, ()
 
     if effective is not Verdict.BREACH:
-        return seen, ()
+        if state.phase is not Phase.PENDING:
+            return seen, ()
+        if effective is Verdict.ERROR and state.errors_held < policy.error_hold:
+            return replace(seen, errors_held=state.errors_held + 1), ()
+        return cleared, (Transition.CLEARED,)
 
     if state.phase is Phase.FIRING:
         return replace(seen, breach_count=state.breach_count + 1), ()
