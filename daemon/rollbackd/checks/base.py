@@ -175,6 +175,11 @@ def sum_by(by: str | None, expr: str) -> str:
     return f"sum by ({by}) ({expr})" if by else f"sum({expr})"
 
 
+def capped(window: timedelta, cap: timedelta | None) -> timedelta:
+    """A range window no longer than ``cap`` (``None``: the window as configured)."""
+    return window if cap is None else min(window, cap)
+
+
 def ratio(metric: str, selector: str, errors: str, window: timedelta, by: str | None) -> str:
     """Error requests over all requests. Where no request failed the error series may not
     exist at all; ``or 0 * total`` turns that into 0 instead of an empty answer."""
@@ -218,9 +223,14 @@ class CheckSpec(Strict):
         """The absolute threshold, if the type has one (burn-rate checks have tiers)."""
         raise NotImplementedError
 
-    def queries(self, by: str | None = None) -> list[Query]:
+    def queries(self, by: str | None = None, *, window_cap: timedelta | None = None) -> list[Query]:
         """The PromQL this check runs; ``by`` is the service's version label, which splits
-        the answer per version so the current version is judged by its own series."""
+        the answer per version so the current version is judged by its own series.
+
+        ``window_cap`` shortens every range window of the check to at most that long.
+        Verification passes the time since the switch, so that a rolled-back release's
+        requests, still inside a whole-service rate window, are not judged against the
+        version now live. ``None`` (every other caller) keeps the windows as configured."""
         raise NotImplementedError
 
     def rate_window(self) -> timedelta | None:

@@ -22,6 +22,7 @@ from rollbackd.checks.base import (
     Query,
     Reading,
     Threshold,
+    capped,
     ratio,
 )
 from rollbackd.durations import Duration, format_duration
@@ -113,11 +114,14 @@ class BurnRateCheck(CheckSpec):
                     found.append(window)
         return found
 
-    def queries(self, by: str | None = None) -> list[Query]:
+    def queries(self, by: str | None = None, *, window_cap: timedelta | None = None) -> list[Query]:
+        # The role keeps the configured window: ``read`` finds each tier's long and short
+        # answers by it, even when the cap makes both windows the same length.
         return [
             Query(
                 f"burn {format_duration(window)}",
-                f"{ratio(self.metric, self.selector, self.errors, window, by)} / {self.budget:g}",
+                f"{ratio(self.metric, self.selector, self.errors, capped(window, window_cap), by)}"
+                f" / {self.budget:g}",
             )
             for window in self.windows()
         ]

@@ -14,6 +14,7 @@ from rollbackd.checks.base import (
     MetricName,
     Query,
     Threshold,
+    capped,
     ratio,
     series,
     sum_by,
@@ -34,12 +35,13 @@ class ErrorRateCheck(CheckSpec):
     def threshold(self) -> Threshold:
         return Threshold(Comparison.ABOVE, self.above)
 
-    def queries(self, by: str | None = None) -> list[Query]:
+    def queries(self, by: str | None = None, *, window_cap: timedelta | None = None) -> list[Query]:
+        window = capped(self.window, window_cap)
         traffic = sum_by(
-            by, f"rate({series(self.metric, self.selector)}[{format_duration(self.window)}])"
+            by, f"rate({series(self.metric, self.selector)}[{format_duration(window)}])"
         )
         return [
-            Query("value", ratio(self.metric, self.selector, self.errors, self.window, by)),
+            Query("value", ratio(self.metric, self.selector, self.errors, window, by)),
             Query("traffic", traffic),
         ]
 

@@ -15,6 +15,7 @@ from rollbackd.checks.base import (
     MetricName,
     Query,
     Threshold,
+    capped,
     series,
     sum_by,
 )
@@ -66,8 +67,8 @@ class LatencyCheck(CheckSpec):
     def threshold(self) -> Threshold:
         return Threshold(Comparison.ABOVE, self.above)
 
-    def queries(self, by: str | None = None) -> list[Query]:
-        w = format_duration(self.window)
+    def queries(self, by: str | None = None, *, window_cap: timedelta | None = None) -> list[Query]:
+        w = format_duration(capped(self.window, window_cap))
         group = f"le, {by}" if by else "le"
         buckets = f"sum by ({group}) (rate({series(self.metric + '_bucket', self.selector)}[{w}]))"
         count = sum_by(by, f"rate({series(self.metric + '_count', self.selector)}[{w}])")

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Literal
 
 from pydantic import Field
@@ -29,7 +30,8 @@ class ProbeCheck(CheckSpec):
     def threshold(self) -> Threshold:
         return Threshold(Comparison.ABOVE, self.above)
 
-    def queries(self, by: str | None = None) -> list[Query]:
+    def queries(self, by: str | None = None, *, window_cap: timedelta | None = None) -> list[Query]:
+        """An instant query: it has no range window, so ``window_cap`` changes nothing."""
         # `== bool 0` counts failures and keeps an answer (0) while all pass; no
         # series at all stays an empty answer, which is "no data", not "healthy".
         # Probes do not carry the service's version, so `by` does not apply.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Literal, Self
 
 from pydantic import Field, model_validator
@@ -27,6 +28,12 @@ class QueryCheck(CheckSpec):
         assert self.below is not None
         return Threshold(Comparison.BELOW, self.below)
 
-    def queries(self, by: str | None = None) -> list[Query]:
-        # Raw PromQL is the author's: it is run as written.
+    def queries(self, by: str | None = None, *, window_cap: timedelta | None = None) -> list[Query]:
+        """The author's PromQL, run as written. ``window_cap`` is NOT applied: the ranges
+        inside arbitrary PromQL (``[5m]``, subqueries ``[1h:1m]``, ranges in recording rules
+        behind a metric name) cannot be found and shortened without a PromQL parser, and a
+        guess would change what the author's query means. So during verification such a
+        check still judges samples from before the switch until its own ranges have moved
+        past it, and a bad release's requests in them can fail a correct rollback: keep its
+        ranges short, or select only the running version's series in the query."""
         return [Query("value", self.query.strip())]
