@@ -5,6 +5,7 @@ a broken Prometheus gives ERROR, never BREACH."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -272,8 +273,12 @@ async def test_relative_check_against_last_known_good_measured_before_the_releas
     checkout = engine.loaded.services["checkout"]
     v1_time = dataset.CHECKOUT_V1_EVAL_TIME
     await engine.observe_service(checkout, v1_time)
-    assert await engine.bake(checkout, v1_time) is None  # the bake clock starts
-    assert await engine.bake(checkout, v1_time + 3600) == dataset.CHECKOUT_V1
+    # Baked by the clock alone (no check evidence, so no baseline recorded at the bake):
+    # the baseline is then measured.
+    hour = timedelta(hours=1)
+    assert engine.versions.update_bake("checkout", v1_time, True, hour) is None
+    baked = engine.versions.update_bake("checkout", v1_time + 3600, True, hour)
+    assert baked == dataset.CHECKOUT_V1
     # The daemon reads the version every tick, so it sees the release right after it.
     await engine.observe_service(checkout, dataset.CHECKOUT_DEPLOY_TIME + 15)
     assert engine.versions.current("checkout") == dataset.CHECKOUT_V2

@@ -61,6 +61,10 @@ async def test_version_change_recorded_baked_and_surviving_restart(
 ) -> None:
     prometheus = prometheus_factory(targets=[ScrapeTarget(fake_service.address)])
     serving(prometheus, "1.0.0")
+    # Baking needs evidence: the check judged 1.0.0 on its own traffic.
+    prometheus.wait_for(
+        'sum(rate(http_requests_total{service="checkout", version="1.0.0"}[10s])) > 0'
+    )
     first = engine(tmp_path, prometheus)
     now = time.time()
     await first.tick(now)

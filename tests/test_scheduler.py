@@ -77,7 +77,7 @@ async def test_jobs_run_and_reload_replaces_only_what_changed(
         scheduler.reload(reloaded)
         assert scheduler.job_ids() == ["check:a:change", "check:a:keep", "check:a:new", "service:a"]
         assert engine.states[("a", "keep")] is marker
-        assert ("a", "change") not in engine.states
+        assert ("a", "change") in engine.states  # kept by name, though its threshold changed
         job = scheduler._scheduler.get_job("check:a:keep")
         assert job.next_run_time >= keep_next  # kept its timing, not rescheduled from zero
         await evaluated(engine, "a", "new", 1)

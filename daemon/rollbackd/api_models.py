@@ -290,6 +290,14 @@ class CheckOut(Answer):
     firing_series: list[dict[str, str]]
 
 
+class BakeOut(Answer):
+    state: Literal["no_version", "baked", "baking", "not_baking", "no_evidence"]
+    summary: str = Field(
+        description="why the current version has (not) baked: its bake clock, the evidence "
+        "of its checks and alerts, or what fires"
+    )
+
+
 class ServiceOut(Answer):
     name: str
     current_version: str | None
@@ -302,6 +310,7 @@ class ServiceOut(Answer):
     canary_active: bool
     checks: list[CheckOut]
     alerts: list[str] = Field(description="the Alertmanager alerts mapped to this service")
+    bake: BakeOut
 
 
 class StatusOut(Answer):

@@ -314,6 +314,9 @@ def _print_status(status: dict[str, Any], url: str) -> None:
                 print(f"    after a look: rollbackd resume {s['name']}")
             if s["canary_active"]:
                 print(f"  {s['name']}: a canary is in progress")
+            bake = s.get("bake")  # absent from an older daemon's answer
+            if bake:
+                print(f"  {s['name']}: {bake['summary']}")
     in_flight = status["in_flight"]
     print()
     if not in_flight:

@@ -82,6 +82,35 @@ class PrometheusSection(Strict):
         return value.rstrip("/")
 
 
+class AlertmanagerSection(Strict):
+    """Alertmanager's own API, read while baking: a service's versions bake from the absence
+    of its mapped alerts only over polls in which Alertmanager answered. Off without ``url``."""
+
+    url: str | None = None
+    timeout: Duration = timedelta(seconds=10)
+    bearer_token_file: str | None = None
+    bearer_token_env: str | None = None
+
+    key_hints: ClassVar[dict[str, str]] = {
+        "bearer_token": "the token is a secret: set 'bearer_token_file' or 'bearer_token_env'",
+    }
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        if not value.startswith(("http://", "https://")):
+            raise ValueError(f"must be an http:// or https:// URL, got: {value!r}")
+        return value.rstrip("/")
+
+    @model_validator(mode="after")
+    def _one_token(self) -> Self:
+        if self.bearer_token_file is not None and self.bearer_token_env is not None:
+            raise ValueError("set at most one of 'bearer_token_file' or 'bearer_token_env'")
+        return self
+
+
 class ServerSection(Strict):
     listen: str = Field(default="127.0.0.1:9095", pattern=r"^(\[[0-9a-fA-F:]+\]|[^:\s]+):\d{1,5}$")
     token_file: str | None = "/etc/rollbackd/token"  # noqa: S105 (a path, not a secret)
@@ -121,6 +150,7 @@ class Config(BaseSettings, Strict):
 
     daemon: DaemonSection = DaemonSection()
     prometheus: PrometheusSection = PrometheusSection()
+    alertmanager: AlertmanagerSection = AlertmanagerSection()
     server: ServerSection = ServerSection()
     guards: GuardsSection = GuardsSection()
     notify: list[Notifier] = Field(default_factory=list)

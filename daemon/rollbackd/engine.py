@@ -15,9 +15,24 @@ import math
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from rollbackd.alertmanager_api import AlertWatch
+from rollbackd.bake_evidence import (
+    BakeStatus,
+    Evidence,
+    Judgement,
+    Requirement,
+    Shortfall,
+    assess,
+    bake_status,
+    evaluation_verdict,
+    record_alerts,
+    record_check,
+    requirement,
+    within,
+)
 from rollbackd.batching import Batch, Plan, plan
 from rollbackd.bus import EventBus
 from rollbackd.checks.base import Action, CheckSpec, Query
@@ -29,9 +44,11 @@ from rollbackd.checks.state import (
     Judged,
     Phase,
     Policy,
+    SeriesState,
     Transition,
     step_check,
 )
+from rollbackd.checks.state_codec import StateFormatError, decode, encode
 from rollbackd.loader import LoadedConfig, Service
 from rollbackd.logs import get_logger
 from rollbackd.metrics import Metrics
@@ -81,6 +98,9 @@ class CheckEvaluation:
         return max((m.verdict for m in self.measurements), key=_VERDICT_RANK.__getitem__)
 
 
+_BLANK_STATE = encode(CheckState())
+"""What a check with nothing worth restoring encodes to: it has no row in the store."""
+
 REJECTED_LOGGED_LIMIT = 64
 """Rejected version labels remembered per service as already logged."""
 
@@ -99,6 +119,15 @@ class _ServiceView:
     rejected_logged: set[str] = field(default_factory=set)
     """Rejected version labels already logged: a broken exporter is reported once per
     value, not once per poll."""
+    evidence: Evidence = field(default_factory=Evidence)
+    """What the current version's bake period has shown (``bake_evidence.py``)."""
+    bake_blockers: tuple[str, ...] = ()
+    """What kept the version from baking at the last poll: checks and alerts firing."""
+    shortfall: Shortfall | None = None
+    """The current version's last bake period that ended without enough evidence."""
+    version_read: bool = True
+    """Whether the last version_query answered: a version never bakes at a poll that could
+    not tell which version runs (it may have just been replaced)."""
 
 
 def _dt(at: float) -> datetime:
@@ -130,34 +159,153 @@ class Engine:
         the disk was full is acted on once it is not."""
         self.versions = VersionTracker(store)
         self.states: dict[tuple[str, str], CheckState] = {}
+        self._measured: dict[tuple[str, str], dict[Labels, Measurement]] = {}
+        """(service, check) -> series -> its latest measurement, for ``firing``."""
         self._views: dict[str, _ServiceView] = {}
         self._blind: set[tuple[str, str]] = set()
         self.query_batching = QUERY_BATCHING if query_batching is None else query_batching
         self._plan: Plan | None = None
         self._rejected: set[str] = set()
         """Batches whose query Prometheus (or a proxy) refused: their checks run alone."""
+        self._alert_watch: AlertWatch | None = None
+        self._saved: dict[tuple[str, str], str] = {}
+        """(service, check) -> the state last written to the store (no entry: no row), so
+        a state that did not change is not written again."""
+        self._restored_firing: set[tuple[str, str, Labels]] = set()
+        """Series restored firing, not yet handed over again since the restart."""
+        self._restore_states()
 
     # -- configuration ------------------------------------------------------------
 
     def replace_config(self, loaded: LoadedConfig) -> None:
-        """Take a reloaded config. States of checks that still exist unchanged are kept;
-        changed or removed checks start over."""
-        old = self.loaded
+        """Take a reloaded config. Every check that still exists by (service, name) keeps
+        its state, even if its definition changed: as Prometheus keeps an alert's state
+        across a reload by rule name, a breach under way must neither be forgotten nor,
+        restarted, dated after a release it predates. Removed checks are forgotten, here
+        and in the store."""
         self.loaded = loaded
-        keep: dict[tuple[str, str], CheckState] = {}
-        for key, state in self.states.items():
-            service_name, check_name = key
-            before = old.services.get(service_name)
-            after = loaded.services.get(service_name)
-            if before is None or after is None:
-                continue
-            old_check = _find(before, check_name)
-            new_check = _find(after, check_name)
-            if old_check is not None and old_check == new_check:
-                keep[key] = state
-        self.states = keep
-        self._blind &= set(keep)
+        configured = _configured(loaded)
+        self.states = {key: state for key, state in self.states.items() if key in configured}
+        self._blind &= configured
+        self._restored_firing = {k for k in self._restored_firing if k[:2] in configured}
+        for key in [key for key in self._saved if key not in configured]:
+            self._delete_state(key)
         self._plan = None
+
+    # -- persisted check states -----------------------------------------------------
+
+    def _restore_states(self) -> None:
+        """The states saved before a restart, for the checks configured now; the rows of
+        checks no longer configured, or that cannot be read, are deleted."""
+        configured = _configured(self.loaded)
+        for key, row in self.store.check_states().items():
+            if key not in configured:
+                self._delete_state(key)
+                continue
+            try:
+                state = decode(row.state)
+            except StateFormatError as exc:
+                log.error(
+                    "saved check state unreadable: the check starts over",
+                    service=key[0],
+                    check=key[1],
+                    error=str(exc),
+                )
+                self._delete_state(key)
+                continue
+            self.states[key] = state
+            self._saved[key] = encode(state)
+            if state.blind:
+                self._blind.add(key)
+            self._restored_firing.update((*key, labels) for labels in state.firing_series())
+
+    async def _hand_over_restored(
+        self, service: Service, check: CheckSpec, evaluation: CheckEvaluation
+    ) -> None:
+        """A series restored firing makes no new FIRED transition, yet the pipeline may
+        never have recorded its firing (the daemon died in between), so it is handed over
+        again at its first breaching evaluation after the restart. What the pipeline did
+        record, it joins: one rollback per release."""
+        if not self._restored_firing:
+            return
+        policy = Policy.from_check(check)
+        for key in sorted(k for k in self._restored_firing if k[:2] == (service.name, check.name)):
+            series = evaluation.state.series.get(key[2])
+            if series is None or series.phase is not Phase.FIRING:
+                self._restored_firing.discard(key)  # over without being seen breaching
+                continue
+            verdict = series.last_verdict
+            if verdict is None or policy.effective(verdict) is not Verdict.BREACH:
+                continue  # a gap: no evidence yet that it still breaches
+            self._restored_firing.discard(key)
+            measurement = next(
+                (m for m in evaluation.measurements if m.labels == key[2]),
+                evaluation.measurements[0],
+            )
+            began = series.pending_since or series.firing_since
+            log.warning(
+                "check restored firing: handed over again",
+                service=service.name,
+                check=check.name,
+                series=measurement.series,
+                reason=measurement.reason,
+            )
+            await self._hand_over(
+                key,
+                Firing(
+                    service=service.name,
+                    check=check.name,
+                    action=check.action,
+                    measurement=measurement,
+                    version=self.versions.current(service.name),
+                    breach_started=began.timestamp() if began else evaluation.at,
+                    at=evaluation.at,
+                ),
+            )
+
+    def _save_state(
+        self, key: tuple[str, str], state: CheckState, policy: Policy, at: float
+    ) -> None:
+        """Write the check's state if it differs from what was last written. A failed
+        write is logged and retried at the next evaluation; it never stops one."""
+        # Past blind_after, more errors change nothing the state machine looks at; without
+        # the cap every check would be written at every evaluation of an outage.
+        stored = replace(state, error_count=min(state.error_count, policy.blind_after))
+        text = encode(stored)
+        if self._saved.get(key, _BLANK_STATE) == text:
+            return
+        try:
+            if text == _BLANK_STATE:
+                self.store.delete_check_state(*key)
+            else:
+                self.store.save_check_state(*key, text, at)
+        except StoreError as exc:
+            log.critical(
+                "check state not saved: after a restart now the check would start over",
+                service=key[0],
+                check=key[1],
+                error=str(exc),
+            )
+            return
+        if text == _BLANK_STATE:
+            self._saved.pop(key, None)
+        else:
+            self._saved[key] = text
+
+    def _delete_state(self, key: tuple[str, str]) -> None:
+        try:
+            self.store.delete_check_state(*key)
+        except StoreError as exc:
+            # Harmless meanwhile: a row of a check not configured is never restored, and
+            # the next start or reload deletes it.
+            log.critical(
+                "saved state of a removed check not deleted",
+                service=key[0],
+                check=key[1],
+                error=str(exc),
+            )
+            return
+        self._saved.pop(key, None)
 
     @property
     def plan(self) -> Plan:
@@ -210,9 +358,11 @@ class Engine:
             try:
                 result = await self.client.aquery(rules.service.version_query, at=now)
             except PrometheusError as exc:
+                view.version_read = False
                 self.metrics.queries.labels(_outcome(exc)).inc()
                 log.warning("version query failed", service=service.name, error=str(exc))
             else:
+                view.version_read = True
                 self.metrics.queries.labels("ok").inc()
                 self._observe_version(service, result, now)
         if rules.canary is not None:
@@ -230,7 +380,11 @@ class Engine:
 
     def _observe_version(self, service: Service, result: QueryResult, now: float) -> None:
         label = service.rules.service.version_query_label
-        seen = self.versions.observe(service.name, list(result.samples), label, now)
+        # One poll of the service job: a version missing from a single answer stays current.
+        poll = min((c.interval.total_seconds() for c in service.rules.check), default=15.0)
+        seen = self.versions.observe(
+            service.name, list(result.samples), label, now, absence_grace=poll
+        )
         view = self._views.setdefault(service.name, _ServiceView())
         # Only valid versions: the stable track named from here reaches check reasons,
         # and through them {reason}.
@@ -282,8 +436,8 @@ class Engine:
 
     def _forget_other_versions(self, service: Service, current: str) -> None:
         """Version-scoped checks judge only the running version's series. The series of the
-        version just replaced vanish from judging; without this they would stay pending or
-        firing forever (gaps never clear a state) and block baking. Checks that are not
+        version just replaced vanish from judging; without this a firing one would stay
+        firing forever (no data never recovers a series) and block baking. Checks that are not
         version-scoped keep their state: a breach that started before a release must not
         look like one the release caused."""
         label = service.rules.version_scope
@@ -302,31 +456,126 @@ class Engine:
             self.states[key] = CheckState(
                 series=kept, error_count=state.error_count, blind=state.blind
             )
+            # Saved too: restored after a restart, the old version's series would be
+            # pending or firing for good, as the version is then no change to react to.
+            self._save_state(key, self.states[key], Policy.from_check(check), time.time())
 
     async def bake(self, service: Service, now: float) -> str | None:
-        """A version with no check firing for ``bake_time`` becomes the last known good;
-        its checks' values are kept as the baseline for ``max_increase``."""
-        healthy = not any(
-            self.check_state(service.name, c.name).phase is Phase.FIRING
+        """Advance the current version's bake (``bake_evidence.py``): it becomes the last
+        known good after ``bake_time`` with no check firing and none of its mapped alerts
+        firing, in which every rollback check -- and, with ``[alertmanager] url``, the
+        mapped alerts -- was judged OK in most evaluations. Its checks' values are kept as
+        the baseline for ``max_increase``."""
+        name = service.name
+        view = self._views.setdefault(name, _ServiceView())
+        current = self.versions.current(name)
+        blockers = [
+            f"check {c.name} firing"
             for c in service.rules.check
-        )
+            if self.check_state(name, c.name).phase is Phase.FIRING
+        ]
+        try:
+            stored = self.store.firing_alerts(name) if service.rules.alert else []
+        except StoreError as exc:
+            log.critical("firing alerts not read: not baking", service=name, error=str(exc))
+            return None
+        blockers.extend(f"alert {n} firing" for n in sorted({a.alertname for a in stored}))
+        self._alert_watch = AlertWatch.for_config(self.loaded, self._alert_watch)
+        reading = await self._alert_watch.reading(name, now)
+        if reading is not None:
+            view.evidence = record_alerts(
+                view.evidence, current, reading.verdict, reading.reason, now
+            )
+            blockers.extend(f"alert {n} active in Alertmanager" for n in reading.active)
+        view.bake_blockers = tuple(blockers)
+        need = self.bake_requirement(service)
+
+        def judged(version: str, since: float) -> Judgement:
+            if not view.version_read:
+                return Judgement.NOT_YET
+            view.evidence = within(view.evidence, version, since)
+            assessment = assess(view.evidence, need)
+            if assessment.judgement is Judgement.NOT_ENOUGH:
+                view.shortfall = Shortfall(version, now, assessment.shortfalls)
+                log.info(
+                    "bake period ended without enough evidence: a new one starts",
+                    service=name,
+                    version=version,
+                    shortfalls=list(assessment.shortfalls),
+                )
+            return assessment.judgement
+
         try:
             baked = self.versions.update_bake(
-                service.name, now, healthy, service.rules.service.bake_time
+                name, now, not blockers, service.rules.service.bake_time, evidence=judged
             )
+            state = self.store.service_state(name)
         except StoreError as exc:
             # Read back from the store on the next evaluation: nothing is lost but time.
-            log.critical("bake clock not recorded", service=service.name, error=str(exc))
+            log.critical("bake clock not recorded", service=name, error=str(exc))
             return None
+        if state is not None:
+            # What the period (restarted, perhaps) has not seen is dropped here, so that
+            # what is counted from now on is the period's own.
+            view.evidence = within(view.evidence, state.current_version, state.healthy_since)
+            if view.shortfall is not None and view.shortfall.version != state.current_version:
+                view.shortfall = None
         if baked is not None:
-            view = self._views.setdefault(service.name, _ServiceView())
+            view.shortfall = None
             for check_name, value in view.last_values.items():
                 view.baselines[(check_name, baked)] = Baseline(
                     value, f"last known good {baked}, recorded when it baked"
                 )
-            log.info("version baked", service=service.name, version=baked)
-            self._emit("version.baked", service.name, now, {"version": baked})
+            log.info("version baked", service=name, version=baked)
+            self._emit("version.baked", name, now, {"version": baked})
         return baked
+
+    def bake_requirement(self, service: Service) -> Requirement:
+        """The evidence the service's versions need to bake."""
+        rules = service.rules
+        return requirement(
+            ((c.name, c.action) for c in rules.check),
+            has_alerts=bool(rules.alert),
+            alertmanager=self.loaded.config.alertmanager.url is not None,
+        )
+
+    def bake_status(
+        self,
+        service: Service,
+        version: str | None,
+        baked_at: float | None,
+        bad_reason: str | None,
+        healthy_since: float | None,
+        now: float,
+    ) -> BakeStatus:
+        """Why the current version has (not) baked, for ``rollbackd status``; the version's
+        record and bake clock come from the store."""
+        view = self._views.get(service.name) or _ServiceView()
+        evidence = within(view.evidence, version, healthy_since)
+        return bake_status(
+            version=version,
+            baked_at=baked_at,
+            bad_reason=bad_reason,
+            healthy_since=healthy_since,
+            now=now,
+            bake_time=service.rules.service.bake_time,
+            blockers=view.bake_blockers,
+            assessment=assess(evidence, self.bake_requirement(service)),
+            shortfall=view.shortfall,
+        )
+
+    def _count_evidence(self, service: Service, evaluation: CheckEvaluation) -> None:
+        """Count the evaluation for the current version's bake."""
+        try:
+            current = self.versions.current(service.name)
+        except StoreError:
+            return  # uncounted is no health: the bake only lacks one evaluation
+        scope = service.rules.version_scope if evaluation.check.groups_by_version else None
+        verdict, reason = evaluation_verdict(evaluation.measurements, scope, current)
+        view = self._views.setdefault(service.name, _ServiceView())
+        view.evidence = record_check(
+            view.evidence, current, evaluation.check.name, verdict, reason, evaluation.at
+        )
 
     async def run_batch(self, batch: Batch, now: float) -> list[CheckEvaluation]:
         """One query per role for every member of the batch, then each member judged, stepped
@@ -396,24 +645,36 @@ class Engine:
             if errored
             else Judged({m.labels: m.verdict for m in measurements})
         )
-        state, changes = step_check(
-            self.check_state(*key), outcome, _dt(now), Policy.from_check(check)
-        )
+        policy = Policy.from_check(check)
+        state, changes = step_check(self.check_state(*key), outcome, _dt(now), policy)
         self.states[key] = state
+        # Before the changes are acted on: a rollback must never have been started on a
+        # firing that a restart would forget.
+        self._save_state(key, state, policy, now)
         evaluation = CheckEvaluation(
             service.name, check, now, measurements, state, changes, duration
         )
         self._record(service, evaluation)
         await self._handle_changes(service, check, evaluation)
+        await self._hand_over_restored(service, check, evaluation)
+        self._count_evidence(service, evaluation)
         return evaluation
 
     async def evaluate(
-        self, service: Service, check: CheckSpec, now: float, *, answers: Answers | None = None
+        self,
+        service: Service,
+        check: CheckSpec,
+        now: float,
+        *,
+        answers: Answers | None = None,
+        window_cap: timedelta | None = None,
     ) -> list[Measurement]:
         """Query and judge, without touching any state: what ``rollbackd eval`` prints.
-        ``answers``: the check's answers (or the failure) its batch already fetched."""
+        ``answers``: the check's answers (or the failure) its batch already fetched.
+        ``window_cap``: no range window longer than this (verification, which queries alone:
+        batches are built with the configured windows)."""
         rules = service.rules
-        queries = check.queries(rules.version_scope)
+        queries = check.queries(rules.version_scope, window_cap=window_cap)
         if isinstance(answers, PrometheusError):
             return [error_measurement(check, queries[0].expr, str(answers))]
         if answers is None:
@@ -432,7 +693,9 @@ class Engine:
         current = self.versions.current(service.name)
         for m in measurements:
             if (
-                m.value is not None
+                # A shortened window's value is no baseline for the configured one.
+                window_cap is None
+                and m.value is not None
                 and not math.isnan(m.value)
                 and (not rules.version_scope or dict(m.labels).get(rules.version_scope) == current)
             ):
@@ -527,10 +790,52 @@ class Engine:
         m.check_state.labels(service.name, check).state(evaluation.state.phase.value)
         m.check_blind.labels(service.name, check).set(1 if evaluation.state.blind else 0)
 
+    def firing(self, service: str) -> list[Firing]:
+        """Every series of the service's checks that fires now, with its latest
+        measurement: what the pipeline decides again while a refusal may lapse. A series
+        restored firing after a restart counts once it has been evaluated again."""
+        loaded = self.loaded.services.get(service)
+        if loaded is None:
+            return []
+        current = self.versions.current(service)
+        found: list[Firing] = []
+        for check in loaded.rules.check:
+            state = self.states.get((service, check.name))
+            measured = self._measured.get((service, check.name), {})
+            if state is None:
+                continue
+            for labels, series in state.series.items():
+                measurement = measured.get(labels)
+                if series.phase is not Phase.FIRING or measurement is None:
+                    continue
+                began = series.pending_since or series.firing_since
+                found.append(
+                    Firing(
+                        service=service,
+                        check=check.name,
+                        action=check.action,
+                        measurement=measurement,
+                        version=current,
+                        breach_started=began.timestamp() if began else measurement_at(series),
+                        at=measurement_at(series),
+                    )
+                )
+        return found
+
     async def _handle_changes(
         self, service: Service, check: CheckSpec, evaluation: CheckEvaluation
     ) -> None:
         by_labels = {m.labels: m for m in evaluation.measurements}
+        # The latest measurement of every series, kept while it may be needed: a firing
+        # series keeps the one that showed its breach when a gap follows.
+        measured = self._measured.setdefault((service.name, check.name), {})
+        for labels in list(measured):
+            if labels not in evaluation.state.series:
+                del measured[labels]
+        for labels, m in by_labels.items():
+            judged = m.verdict not in (Verdict.NO_DATA, Verdict.ERROR)
+            if judged or (labels not in measured and labels in evaluation.state.series):
+                measured[labels] = m
         now = evaluation.at
         fired_now: set[Labels] = set()
         for change in evaluation.changes:
@@ -660,8 +965,14 @@ def _measurement_data(firing: Firing) -> dict[str, Any]:
     }
 
 
-def _find(service: Service, name: str) -> CheckSpec | None:
-    return next((c for c in service.rules.check if c.name == name), None)
+def measurement_at(series: SeriesState) -> float:
+    """When a series was last evaluated (unix seconds)."""
+    at = series.last_evaluated or series.firing_since or series.pending_since
+    return at.timestamp() if at else 0.0
+
+
+def _configured(loaded: LoadedConfig) -> set[tuple[str, str]]:
+    return {(s.name, c.name) for s in loaded.services.values() for c in s.rules.check}
 
 
 def _outcome(exc: PrometheusError) -> str:

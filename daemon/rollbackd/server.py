@@ -61,6 +61,7 @@ from rollbackd.api_models import (
     AlertsQuery,
     AutomationOut,
     AutomationRequest,
+    BakeOut,
     CheckOut,
     DecisionRequest,
     ErrorOut,
@@ -83,7 +84,8 @@ from rollbackd.api_models import (
     WebhookOut,
 )
 from rollbackd.client import read_api_token
-from rollbackd.loader import LoadedConfig
+from rollbackd.engine import Engine
+from rollbackd.loader import LoadedConfig, Service
 from rollbackd.logs import get_logger
 from rollbackd.metrics import Metrics
 from rollbackd.pipeline import Pipeline, Submission, Trigger, UnknownService
@@ -92,9 +94,11 @@ from rollbackd.store import (
     ConflictError,
     Rollback,
     RollbackState,
+    ServiceState,
     Store,
     StoredAlert,
     StoreError,
+    VersionRecord,
 )
 
 log = get_logger("rollbackd.server")
@@ -433,6 +437,25 @@ def _alert_out(alert: StoredAlert) -> AlertOut:
     )
 
 
+def _bake_out(
+    engine: Engine,
+    service: Service,
+    state: ServiceState | None,
+    record: VersionRecord | None,
+    now: float,
+) -> BakeOut:
+    version = state.current_version if state else None
+    found = engine.bake_status(
+        service,
+        version,
+        record.baked_at if record else None,
+        (record.bad_reason or "rolled back") if record and record.bad else None,
+        state.healthy_since if state else None,
+        now,
+    )
+    return BakeOut(state=found.state.value, summary=found.summary)
+
+
 def _who(body: DecisionRequest | AutomationRequest | None) -> str:
     return body.by if body is not None and body.by else "api"
 
@@ -556,7 +579,9 @@ def create_app(
         loaded = engine.loaded
         names = list(loaded.services)
 
-        def read() -> tuple[set[str], dict[str, Any], dict[str, str | None], list[RollbackOut]]:
+        def read() -> tuple[
+            set[str], dict[str, Any], dict[str, str | None], list[RollbackOut], dict[str, Any]
+        ]:
             scopes = store.paused()
             states = {n: store.service_state(n) for n in names}
             good = {n: engine.versions.last_known_good(n) for n in names}
@@ -564,9 +589,15 @@ def create_app(
                 states=[RollbackState.PENDING, RollbackState.RUNNING, RollbackState.VERIFYING],
                 limit=1000,
             )
-            return scopes, states, good, [_rollback_out(store, r) for r in live]
+            records = {
+                n: store.version(n, s.current_version)
+                for n, s in states.items()
+                if s is not None and s.current_version is not None
+            }
+            return scopes, states, good, [_rollback_out(store, r) for r in live], records
 
-        scopes, states, good, in_flight = await asyncio.to_thread(read)
+        scopes, states, good, in_flight, records = await asyncio.to_thread(read)
+        now = clock()
         services = []
         for name, service in loaded.services.items():
             state = states[name]
@@ -596,6 +627,7 @@ def create_app(
                     canary_active=engine.canary_active(name),
                     checks=checks,
                     alerts=[str(r) for r in receiver.router.routes() if r.service == name],
+                    bake=_bake_out(engine, service, state, records.get(name), now),
                 )
             )
         return StatusOut(
@@ -845,6 +877,16 @@ def create_app(
                     body.service,
                     data={"version": body.version, "source": "api"},
                 )
+        vouched = body.meta.get("known_good") == "true" and seen.current == body.version
+        if vouched and await asyncio.to_thread(store.mark_baked, body.service, body.version, now):
+            # CI vouches for it; an alert-only service without Alertmanager to read has no
+            # other way to a last known good. A version marked bad is not marked.
+            engine.bus.publish(
+                "version.baked",
+                now,
+                body.service,
+                data={"version": body.version, "source": "api", "known_good": True},
+            )
         return ReleaseOut(
             service=body.service,
             version=body.version,

@@ -223,6 +223,21 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "CREATE INDEX alerts_by_time ON alerts (received_at)",
         "CREATE INDEX alerts_by_service ON alerts (matched_service, received_at)",
     ),
+    # 4: each check's state machine (pending since, firing since, ...), so a restart
+    # neither forgets a breach nor dates it after a release it predates.
+    (
+        # state is checks/state_codec.py's JSON; the store does not read inside it. Only
+        # checks with something worth restoring have a row.
+        """
+        CREATE TABLE check_states (
+            service     TEXT NOT NULL,
+            check_name  TEXT NOT NULL,
+            state       TEXT NOT NULL CHECK (json_valid(state)),
+            updated_at  REAL NOT NULL,
+            PRIMARY KEY (service, check_name)
+        )
+        """,
+    ),
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -395,6 +410,15 @@ class ServiceState:
     paused: bool
     frozen: bool
     frozen_reason: str | None
+
+
+@dataclass(frozen=True)
+class StoredCheckState:
+    service: str
+    check: str
+    state: str
+    """The check state's JSON (``checks/state_codec.py``), as it was saved."""
+    updated_at: float
 
 
 @dataclass(frozen=True)
@@ -767,6 +791,37 @@ class Store:
                 (service, int(frozen), reason),
             )
 
+    # Per-check state
+
+    def check_states(self) -> dict[tuple[str, str], StoredCheckState]:
+        """Every saved check state, keyed by (service, check)."""
+        with self._read() as conn:
+            rows = conn.execute(
+                "SELECT service, check_name, state, updated_at FROM check_states"
+            ).fetchall()
+        return {
+            (row[0], row[1]): StoredCheckState(row[0], row[1], row[2], float(row[3]))
+            for row in rows
+        }
+
+    def save_check_state(self, service: str, check: str, state: str, at: float) -> None:
+        """Insert or replace the check's state (JSON text)."""
+        with self._write() as conn:
+            conn.execute(
+                """INSERT INTO check_states (service, check_name, state, updated_at)
+                   VALUES (?, ?, ?, ?)
+                   ON CONFLICT (service, check_name) DO UPDATE SET
+                       state = excluded.state, updated_at = excluded.updated_at""",
+                (service, check, state, at),
+            )
+
+    def delete_check_state(self, service: str, check: str) -> None:
+        """Forget the check's state; no-op when none is saved."""
+        with self._write() as conn:
+            conn.execute(
+                "DELETE FROM check_states WHERE service = ? AND check_name = ?", (service, check)
+            )
+
     # Rollbacks
 
     def create_rollback(self, draft: RollbackDraft) -> Rollback:
@@ -1095,6 +1150,23 @@ class Store:
         with self._read() as conn:
             rows = conn.execute(
                 f"{_ALERT_SELECT} {clause} ORDER BY id DESC LIMIT ?", (*params, limit)
+            ).fetchall()
+        return [_alert(row) for row in rows]
+
+    def firing_alerts(self, service: str, limit: int = 1000) -> list[StoredAlert]:
+        """The service's matched alerts still firing: a firing record with no resolved
+        record of the same alert (fingerprint and startsAt), the latest first."""
+        _check_limit(limit)
+        with self._read() as conn:
+            # Only the fixed column list is formatted in; values travel as parameters.
+            rows = conn.execute(
+                f"""{_ALERT_SELECT} WHERE matched_service = ? AND status = 'firing'
+                    AND NOT EXISTS (
+                        SELECT 1 FROM alerts AS r
+                        WHERE r.fingerprint = alerts.fingerprint
+                          AND r.starts_at = alerts.starts_at AND r.status = 'resolved')
+                    ORDER BY id DESC LIMIT ?""",  # noqa: S608
+                (service, limit),
             ).fetchall()
         return [_alert(row) for row in rows]
 
