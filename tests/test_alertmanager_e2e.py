@@ -15,7 +15,7 @@ import pytest
 from support.alertmanager import AlertmanagerServer, alertmanager_available
 from support.configs import write_config
 from support.daemon_process import TOKEN, DaemonProcess, alert_service, executions, recorder
-from support.prometheus import PrometheusServer, poll
+from support.prometheus import PrometheusServer, free_port, poll
 
 pytestmark = [
     pytest.mark.prometheus,
@@ -179,3 +179,60 @@ def test_an_alertmanager_with_a_wrong_token_is_refused(
         assert daemon.rows("SELECT count(*) FROM alerts") == [(0,)]
         assert daemon.rows("SELECT count(*) FROM rollbacks") == [(0,)]
         assert executions(log) == []
+
+
+def test_an_alert_only_service_bakes_on_alertmanager_and_its_bad_release_is_rolled_back(
+    tmp_path: Path,
+) -> None:
+    """A service with only [[alert]] mappings, as a user first writes one: the healthy
+    version bakes from a quiet Alertmanager (read through [alertmanager] url), the bad
+    release's alert rolls it back to it once, and the bad release never bakes."""
+    log = tmp_path / "deploys.jsonl"
+    port = free_port()
+    credentials = tmp_path / "alertmanager.token"
+    credentials.write_text(TOKEN + "\n")
+    alertmanager = AlertmanagerServer(
+        tmp_path / "alertmanager",
+        webhook_url=f"http://127.0.0.1:{port}/api/v1/alertmanager",
+        credentials_file=credentials,
+    )
+    rules = alert_service(
+        "shop",
+        log,
+        alertname="ShopDown",
+        matchers=['severity="critical"'],
+        header='bake_time = "1s"',  # one poll of a quiet Alertmanager; evidence, not time
+    )
+    config = write_config(
+        tmp_path,
+        "http://127.0.0.1:9",  # never asked: no checks, no version_query
+        {"shop": rules},
+        extra=f'[alertmanager]\nurl = "{alertmanager.url}"\n',
+    )
+    config.write_text(config.read_text().replace("127.0.0.1:0", f"127.0.0.1:{port}"))
+    with alertmanager, DaemonProcess(config) as daemon, daemon.http() as api:
+        assert api.post("/api/v1/releases", json={"service": "shop", "version": "1.0.0"}).is_success
+        daemon.await_rows(
+            "SELECT version FROM versions WHERE version = '1.0.0' AND baked_at IS NOT NULL",
+            timeout=60,
+            what="1.0.0 to bake while Alertmanager is quiet",
+        )
+        assert api.post("/api/v1/releases", json={"service": "shop", "version": "2.0.0"}).is_success
+        alertmanager.post_alerts(
+            [
+                {
+                    "labels": {"alertname": "ShopDown", "severity": "critical"},
+                    "annotations": {"summary": "shop is down"},
+                }
+            ]
+        )
+        [(to_version, source)] = daemon.await_rows(
+            "SELECT to_version, source FROM rollbacks WHERE state = 'succeeded'",
+            timeout=60,
+            what="the rollback to succeed",
+        )
+        assert (to_version, source) == ("1.0.0", "alert")
+        assert [run["argv"] for run in executions(log)] == [["1.0.0"]]
+        assert daemon.rows("SELECT baked_at, bad FROM versions WHERE version = '2.0.0'") == [
+            (None, 1)
+        ]

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from rollbackd.alerts import AlertRoute, alert_reason, one_line
+from rollbackd.alert_text import alert_reason, one_line
+from rollbackd.alerts import AlertRoute
 from rollbackd.matchers import MatcherError, parse_matchers
 from support.daemon_process import InProcessDaemon, alert_service
 

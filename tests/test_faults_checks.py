@@ -22,6 +22,7 @@ from rollbackd.pipeline import Pipeline
 from rollbackd.prometheus import PrometheusClient
 from rollbackd.samples import Verdict
 from rollbackd.store import RollbackState, Store
+from rollbackd.verify import Verifier
 from support.configs import load_config
 from support.prometheus import PrometheusServer, create_blocks, free_port, poll
 
@@ -153,7 +154,14 @@ async def test_flapping_for_ten_minutes_rolls_back_at_most_once(tmp_path: Path) 
         loaded = load_config(tmp_path, prometheus.url, {"flappy": rules("flappy", check, runs)})
         store = Store(tmp_path / "state.db")
         engine = Engine(loaded, PrometheusClient(loaded.config.prometheus), store)
-        pipeline = Pipeline(engine)
+        now = [float(start)]
+
+        async def advance(seconds: float) -> None:
+            now[0] += seconds
+
+        # The verifier judges the same backfilled past as the checks, in simulated time.
+        verifier = Verifier(engine, clock=lambda: now[0], sleep=advance)
+        pipeline = Pipeline(engine, clock=lambda: now[0], verifier=verifier)
         engine.on_fire = pipeline.on_fire
         engine.versions.record_release("flappy", "1.0.0", start - 7200)
         store.mark_baked("flappy", "1.0.0", start - 3600)
@@ -161,6 +169,9 @@ async def test_flapping_for_ten_minutes_rolls_back_at_most_once(tmp_path: Path) 
         fired_at: list[float] = []
         for i in range(40):
             at = float(start + 15 * i)
+            if at < now[0]:
+                continue  # the verification judged this stretch already
+            now[0] = at
             [evaluation] = await engine.tick(at)
             if any(c.transition.value == "fired" for c in evaluation.changes):
                 fired_at.append(at)
@@ -169,7 +180,9 @@ async def test_flapping_for_ten_minutes_rolls_back_at_most_once(tmp_path: Path) 
         assert fired_at and min(fired_at) >= start + 15 * 20
         assert len(fired_at) > 1
         [rollback] = store.rollbacks()
-        assert rollback.state is RollbackState.SUCCEEDED
+        # Still flapping after the switch: verification sees it fire again, and freezes.
+        assert rollback.state is RollbackState.FAILED
+        assert rollback.outcome.startswith("verification failed: check flappy fired again")
         assert len(runs.read_text().splitlines()) == 1
         assert len(store.triggers(rollback.id)) == len(fired_at) - 1
         store.close()

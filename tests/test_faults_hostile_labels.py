@@ -33,7 +33,7 @@ from urllib.parse import parse_qs
 
 import pytest
 
-from rollbackd.alerts import REASON_LIMIT
+from rollbackd.alert_text import REASON_LIMIT
 from rollbackd.api_models import VERSION_PATTERN as API_VERSION_PATTERN
 from rollbackd.executors import EXECUTOR_TYPES
 from rollbackd.pipeline import Trigger

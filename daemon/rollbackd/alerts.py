@@ -14,7 +14,6 @@ be synthetic (an alert that merely expired).
 from __future__ import annotations
 
 import asyncio
-import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -24,17 +23,9 @@ from rollbackd.loader import LoadedConfig
 from rollbackd.logs import get_logger
 from rollbackd.matchers import LabelMatcher, parse_matchers
 from rollbackd.pipeline import Pipeline, Trigger, UnknownService
-from rollbackd.store import AlertDraft, JSONValue, StoredAlert, StoreError
+from rollbackd.store import AlertDraft, StoredAlert, StoreError
 
 log = get_logger("rollbackd.alerts")
-
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u200b-\u200f\u2028-\u202e\u2060-\u206f\ufeff]+")
-"""What an alert's text may not carry into a reason: C0 and C1 controls, and the invisible
-Unicode that breaks lines (U+2028, U+2029) or disguises what a terminal shows (zero-width
-characters, bidirectional overrides)."""
-REASON_LIMIT = 300
-"""Characters of an alert's text kept in a rollback's reason: it reaches executors as
-``{reason}``, so outside text is kept short and on one line."""
 
 
 @dataclass(frozen=True)
@@ -109,19 +100,6 @@ class Delivery:
 class AlertResult:
     alert: StoredAlert
     new: bool
-
-
-def one_line(text: str, limit: int = REASON_LIMIT) -> str:
-    flat = " ".join(_CONTROL.sub(" ", text).split())
-    return flat if len(flat) <= limit else flat[: limit - 3] + "..."
-
-
-def alert_reason(alertname: str, labels: Mapping[str, str], annotations: Mapping[str, str]) -> str:
-    text = annotations.get("summary") or annotations.get("description")
-    if not text:
-        shown = [f'{k}="{v}"' for k, v in sorted(labels.items()) if k != "alertname"]
-        text = "{" + ", ".join(shown) + "}"
-    return one_line(f"alert {alertname}: {text}")
 
 
 def _unix(at: datetime) -> float:
@@ -203,22 +181,7 @@ class AlertReceiver:
     async def _hand_over(self, alert: StoredAlert, now: float) -> StoredAlert:
         service = alert.matched_service
         assert service is not None
-        detail: dict[str, JSONValue] = {
-            "alert_id": alert.id,
-            "alertname": alert.alertname,
-            "fingerprint": alert.fingerprint,
-            "starts_at": alert.starts_at,
-            "labels": dict(alert.labels),
-        }
-        trigger = Trigger(
-            service=service,
-            source="alert",
-            reason=alert_reason(alert.alertname, alert.labels, alert.annotations),
-            at=now,
-            automatic=True,
-            breach_started=alert.starts_at,
-            detail=detail,
-        )
+        trigger = Trigger.from_alert(alert, now)
         rollback_id: int | None = None
         try:
             submission = await self.pipeline.submit(trigger)

@@ -164,7 +164,9 @@ class Daemon:
         await self.pipeline.recover()
         await self.pipeline.expire_pending()
         self.scheduler.start()
-        self.scheduler.add_periodic("pipeline:expire", self.pipeline.expire_pending, 5.0)
+        # Expired and superseded approvals, and triggers that still fire after a refusal
+        # that may lapse (cooldown over, resumed, thawed, mode changed): decided again.
+        self.scheduler.add_periodic("pipeline:housekeeping", self.pipeline.housekeeping, 5.0)
         checks = sum(len(s.rules.check) for s in self.loaded.services.values())
         log.info(
             "rollbackd started",

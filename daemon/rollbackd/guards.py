@@ -61,7 +61,10 @@ class GuardFacts:
     target_source: str
     """``--to``, ``last known good``, or why there is none."""
     chain_needs_target: bool
-    in_flight: int | None
+    canary_abort: bool = False
+    """A canary is in progress and the service has ``[canary] abort`` executors: aborting
+    it needs no target version (the stable track is still serving)."""
+    in_flight: int | None = None
     """The id of another live rollback of this service, if any."""
 
 
@@ -84,6 +87,19 @@ class Decision:
 
 def _ago(now: float, then: float) -> str:
     return format_duration(timedelta(seconds=max(now - then, 0.001)))
+
+
+LAPSING_GUARDS = frozenset({"one_in_flight", "paused", "frozen", "cooldown", "max_rollbacks"})
+"""Guards whose refusal means "not now": the rollback in flight ends, a person resumes or
+thaws, the cooldown and the max_rollbacks window pass. While the trigger still fires, a
+release refused only by these is decided again (``Pipeline.reconsider``). The others —
+``rollback_window``, ``breach_after_release``, ``target`` — judge the trigger against its
+release, and time does not change their answer."""
+
+
+def lapses(decision: Decision) -> bool:
+    """Whether every guard that refused this decision may lapse."""
+    return all(g.passed or g.guard in LAPSING_GUARDS for g in decision.guards)
 
 
 def decide(f: GuardFacts) -> Decision:
@@ -178,6 +194,12 @@ def decide(f: GuardFacts) -> Decision:
 
     if f.target is not None:
         record("target", True, f"target {f.target} ({f.target_source})")
+    elif f.canary_abort:
+        record(
+            "target",
+            True,
+            f"no target version ({f.target_source}); aborting the canary in progress needs none",
+        )
     elif not f.chain_needs_target:
         record("target", True, f"no target version ({f.target_source}); the executors need none")
     else:

@@ -19,18 +19,20 @@ complete record and ``recover()`` never re-runs an executor blindly.
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from typing import Any
 
+from rollbackd.alert_text import alert_reason
 from rollbackd.bus import EventBus
 from rollbackd.checks.base import Action
 from rollbackd.config import Mode
 from rollbackd.engine import Engine, Firing
 from rollbackd.executors.base import Executor, ExecutorSpec, RollbackContext, StepResult
-from rollbackd.guards import Decision, GuardFacts, Outcome, decide
+from rollbackd.guards import Decision, GuardFacts, Outcome, decide, lapses
 from rollbackd.loader import Service
 from rollbackd.logs import get_logger
 from rollbackd.store import (
@@ -40,6 +42,7 @@ from rollbackd.store import (
     RollbackDraft,
     RollbackState,
     Store,
+    StoredAlert,
     StoreError,
 )
 from rollbackd.verify import Verifier, VerifyResult
@@ -53,6 +56,8 @@ warning, not 10,000 of each offered to every notifier; each alert's own record s
 it was refused."""
 REFUSAL_LOG_EVERY = 1000
 """A repeated refusal is logged (at info) on every this many repeats."""
+SETTLED_LIMIT = 10_000
+"""Settled standing triggers remembered per service."""
 
 
 class _Refusals:
@@ -107,6 +112,10 @@ class Trigger:
     to_version: str | None = None
     requested_by: str | None = None
     detail: dict[str, JSONValue] = field(default_factory=dict)
+    key: tuple[object, ...] = ()
+    """What keeps firing behind an automatic trigger (a check's series, an alert): the
+    pipeline decides once per release and key, and again only after a refusal that may
+    lapse."""
 
     @classmethod
     def from_firing(cls, firing: Firing) -> Trigger:
@@ -117,6 +126,7 @@ class Trigger:
             reason=f"check {firing.check}: {m.reason}",
             at=firing.at,
             breach_started=firing.breach_started,
+            key=("check", firing.check, m.labels),
             detail={
                 "check": firing.check,
                 "series": dict(m.labels),
@@ -129,6 +139,27 @@ class Trigger:
                 "reason": m.reason,
                 "version": firing.version,
             },
+        )
+
+    @classmethod
+    def from_alert(cls, alert: StoredAlert, at: float) -> Trigger:
+        """A mapped firing alert; its ``startsAt`` is when its breach began."""
+        assert alert.matched_service is not None
+        return cls(
+            service=alert.matched_service,
+            source="alert",
+            reason=alert_reason(alert.alertname, alert.labels, alert.annotations),
+            at=at,
+            automatic=True,
+            breach_started=alert.starts_at,
+            detail={
+                "alert_id": alert.id,
+                "alertname": alert.alertname,
+                "fingerprint": alert.fingerprint,
+                "starts_at": alert.starts_at,
+                "labels": dict(alert.labels),
+            },
+            key=("alert", alert.fingerprint, alert.starts_at),
         )
 
 
@@ -164,6 +195,10 @@ class Pipeline:
         self._locks: dict[str, asyncio.Lock] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._refusals = _Refusals()
+        self._settled: dict[str, dict[tuple[int, tuple[object, ...]], None]] = {}
+        """Per service, (release, trigger key) refused for good, by a guard that cannot
+        lapse. Memory only: after a restart each standing trigger is decided once more,
+        silently."""
 
     # -- entry points ---------------------------------------------------------------
 
@@ -192,6 +227,10 @@ class Pipeline:
                 return Submission("unrecorded", None, None, f"state store failed: {exc}")
 
     async def approve(self, rollback_id: int, who: str) -> Rollback:
+        """Run a pending rollback a person approved — decided against the present: its
+        release must still be live (else it is superseded: expired, never run) and the
+        guards must still pass as for a person's request (another rollback in flight, say,
+        refuses it for now: it stays pending)."""
         rollback = self._require(rollback_id)
         async with self._lock(rollback.service):
             now = self.clock()
@@ -202,6 +241,34 @@ class Pipeline:
                 expired = self._expire(current, now)
                 state = expired.state if expired is not None else "decided meanwhile"
                 raise ConflictError(f"rollback {rollback_id} is {state}, not pending")
+            if current.state is RollbackState.PENDING:
+                replaced = self._replaced(current)
+                if replaced is not None:
+                    self._expire(current, now, superseded=replaced)
+                    raise ConflictError(
+                        f"rollback {rollback_id} is superseded, not run: {replaced}"
+                    )
+                service = self._service(current.service)
+                decision = decide(
+                    self._facts(
+                        service,
+                        Trigger(
+                            service=current.service,
+                            source="approval",
+                            reason=current.reason,
+                            at=now,
+                            automatic=False,
+                            to_version=current.to_version,
+                            requested_by=who,
+                        ),
+                        current.from_version,
+                        deciding=current.id,
+                    )
+                )
+                if decision.outcome is Outcome.REFUSE:
+                    raise ConflictError(
+                        f"rollback {rollback_id} stays pending, not run now: {decision.reason}"
+                    )
             running = self.store.set_rollback_state(
                 rollback_id,
                 RollbackState.RUNNING,
@@ -211,6 +278,18 @@ class Pipeline:
             )
         self._spawn(self._execute(running))
         return running
+
+    def _replaced(self, rollback: Rollback) -> str | None:
+        """Why a pending rollback's release is no longer live, or None while it is."""
+        service = rollback.service
+        current = self.engine.versions.current(service)
+        if rollback.from_version is None and current is None:
+            return None  # an unversioned service: nothing can replace its episode
+        if current != rollback.from_version:
+            return f"{current} replaced {rollback.from_version} since it was decided"
+        if rollback.release_id and self._release_id(service, current) != rollback.release_id:
+            return f"{current} was deployed again since it was decided (another release)"
+        return None
 
     async def reject(self, rollback_id: int, who: str, reason: str = "") -> Rollback:
         rollback = self._require(rollback_id)
@@ -227,17 +306,28 @@ class Pipeline:
         return rejected
 
     async def expire_pending(self) -> list[Rollback]:
-        """Pending approvals past their expiry become expired; nothing runs."""
+        """Pending approvals past their expiry, or whose release was replaced meanwhile
+        (superseded), become expired; nothing runs."""
         now = self.clock()
         expired = []
         for rollback in self.store.rollbacks(states=[RollbackState.PENDING], limit=1000):
-            if _expired(rollback, now):
-                done = self._expire(rollback, now)
+            replaced = None if _expired(rollback, now) else self._replaced(rollback)
+            if _expired(rollback, now) or replaced is not None:
+                async with self._lock(rollback.service):
+                    done = self._expire(rollback, now, superseded=replaced)
                 if done is not None:
                     expired.append(done)
         return expired
 
-    def _expire(self, rollback: Rollback, now: float) -> Rollback | None:
+    async def housekeeping(self) -> None:
+        """The periodic sweep: approvals that expired or were superseded, then every
+        standing trigger whose refusal may have lapsed."""
+        await self.expire_pending()
+        await self.reconsider()
+
+    def _expire(
+        self, rollback: Rollback, now: float, *, superseded: str | None = None
+    ) -> Rollback | None:
         """Mark one pending rollback expired; None if it was decided meanwhile."""
         try:
             done = self.store.set_rollback_state(
@@ -245,11 +335,17 @@ class Pipeline:
                 RollbackState.EXPIRED,
                 now,
                 expected=[RollbackState.PENDING],
-                outcome="no decision before the approval timeout",
+                outcome="no decision before the approval timeout"
+                if superseded is None
+                else f"superseded: {superseded}",
             )
         except ConflictError:
             return None
-        self._publish("rollback.expired", done, {})
+        extra: dict[str, JSONValue] = {}
+        if superseded is not None:
+            extra = {"superseded": True, "why": superseded}
+            log.warning("pending rollback superseded", rollback=rollback.id, why=superseded)
+        self._publish("rollback.expired", done, extra)
         return done
 
     async def recover(self) -> list[Rollback]:
@@ -309,8 +405,10 @@ class Pipeline:
         return interrupted
 
     async def interrupt_all(self, why: str) -> None:
-        """Stop every execution in flight (their process groups are killed) and mark their
-        rollbacks interrupted: on a stop, never leave one looking as if it still ran."""
+        """Stop every execution in flight (their process groups are killed) on a stop.
+        Their rollbacks stay running or verifying, with the cut-short steps recorded as
+        interrupted: the next start recovers them as after a crash — verified, never
+        re-run — since whether the switch took effect is only known then."""
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*list(self._tasks), return_exceptions=True)
@@ -321,7 +419,15 @@ class Pipeline:
             for step in self.store.steps(rollback.id):
                 if step.finished_at is None:
                     self.store.finish_step(step.id, now, False, f"interrupted: {why}")
-            self._interrupted(rollback, why)
+            self.store.set_rollback_state(
+                rollback.id,
+                rollback.state,
+                now,
+                outcome=f"stopped: {why}; verified at the next start, never re-run",
+            )
+            log.warning(
+                "rollback cut short by a stop: verified at the next start", rollback=rollback.id
+            )
 
     async def wait_idle(self) -> None:
         """Await every execution in flight (tests, and a clean stop)."""
@@ -330,22 +436,21 @@ class Pipeline:
 
     # -- deciding -------------------------------------------------------------------
 
-    def _decide(self, service: Service, trigger: Trigger) -> Submission:
+    def _decide(self, service: Service, trigger: Trigger, *, standing: bool = False) -> Submission:
+        """Decide one trigger. ``standing``: a trigger that still fires, decided again by
+        ``reconsider``: it acts only when the decision creates a rollback, and otherwise
+        records and announces nothing (it was recorded when it first fired)."""
         now = trigger.at
         name = service.name
         current = self.engine.versions.current(name)
-        release = self._release_id(name, current)
+        release = self._release_of(name, current, trigger)
         existing = self.store.latest_rollback(name, current, release)
-        if existing is not None and (
-            existing.state in _JOINABLE
-            and (
-                trigger.automatic
-                or existing.state.live
-                or existing.state is RollbackState.SUCCEEDED
-            )
-        ):
-            self.store.add_trigger(existing.id, now, trigger.source, self._trigger_json(trigger))
-            log.info("trigger joined an existing rollback", rollback=existing.id, service=name)
+        if existing is not None and self._joins(existing, trigger):
+            if not standing:
+                self.store.add_trigger(
+                    existing.id, now, trigger.source, self._trigger_json(trigger)
+                )
+                log.info("trigger joined an existing rollback", rollback=existing.id, service=name)
             return Submission(
                 "joined",
                 existing,
@@ -357,6 +462,12 @@ class Pipeline:
         decision = decide(facts)
         guards: list[dict[str, JSONValue]] = [dict(g.as_json()) for g in decision.guards]
         if decision.outcome is Outcome.REFUSE:
+            if not lapses(decision):
+                self._settle(name, release, trigger)  # "never", not "not now"
+            if standing:
+                if decision.freeze:
+                    self._freeze(name, decision.reason, now)
+                return Submission("refused", None, decision, decision.reason)
             failed = tuple(g.guard for g in decision.guards if not g.passed)
             repeats = self._refusals.repeat((name, current, release, failed), now)
             if repeats is None:
@@ -367,6 +478,7 @@ class Pipeline:
                     data={
                         "reason": decision.reason,
                         "guards": guards,
+                        "lapses": lapses(decision),
                         "trigger": self._trigger_json(trigger),
                     },
                 )
@@ -405,7 +517,14 @@ class Pipeline:
             )
         except ConflictError as exc:
             return Submission(
-                "joined", self.store.latest_rollback(name, current), decision, str(exc)
+                "joined", self.store.latest_rollback(name, current, release), decision, str(exc)
+            )
+        if standing:
+            log.info(
+                "a trigger that still fires was decided again: its refusal lapsed",
+                service=name,
+                rollback=rollback.id,
+                trigger=trigger.reason,
             )
         if state is RollbackState.DRY_RUN:
             self._publish(
@@ -426,6 +545,20 @@ class Pipeline:
         self._spawn(self._execute(rollback))
         return Submission("executing", rollback, decision, decision.reason)
 
+    def _joins(self, existing: Rollback, trigger: Trigger) -> bool:
+        """Whether a trigger joins the release's latest rollback instead of a new decision.
+
+        An automatic trigger joins whatever the release's rollback became — it never runs a
+        second time, and a rejection is not asked about again — except a dry run once the
+        mode is no longer dry-run (it ran nothing, so the release is decided for real), and an
+        expired approval (asked again). A person starts a new one unless it is live or
+        succeeded."""
+        if existing.state not in _JOINABLE:
+            return False
+        if existing.state is RollbackState.DRY_RUN:
+            return self.engine.loaded.config.daemon.mode is Mode.DRY_RUN and trigger.automatic
+        return trigger.automatic or existing.state.live or existing.state is RollbackState.SUCCEEDED
+
     def _release_id(self, service: str, current: str | None) -> int:
         """The version change that made ``current`` live: the release a rollback undoes.
         The same version deployed again later is another release."""
@@ -434,7 +567,117 @@ class Pipeline:
             return changes[0].id
         return 0
 
-    def _facts(self, service: Service, trigger: Trigger, current: str | None) -> GuardFacts:
+    def _release_of(self, service: str, current: str | None, trigger: Trigger) -> int:
+        """What a rollback undoes. With a known version, its release. Without one (no
+        version_query, no release recorded), the firing episode: a trigger whose breach
+        began before the service's latest rollback ended belongs to that rollback's
+        episode; a later breach (or a person) opens a new one, keyed by a negative number
+        so it never collides with a release."""
+        if current is not None:
+            return self._release_id(service, current)
+        latest = next(
+            (r for r in self.store.rollbacks(service=service, limit=50) if r.from_version is None),
+            None,
+        )
+        if latest is None:
+            return 0
+        if latest.state.live:
+            return latest.release_id
+        ended = latest.finished_at if latest.finished_at is not None else latest.updated_at
+        if (
+            trigger.automatic
+            and trigger.breach_started is not None
+            and trigger.breach_started < ended
+        ):
+            return latest.release_id
+        return -latest.id
+
+    def _settle(self, service: str, release: int, trigger: Trigger) -> None:
+        if trigger.key:
+            settled = self._settled.setdefault(service, {})
+            if len(settled) >= SETTLED_LIMIT:
+                settled.clear()  # bounded; at worst a standing trigger is decided once more
+            settled[(release, trigger.key)] = None
+
+    def _is_settled(self, service: str, release: int, trigger: Trigger) -> bool:
+        return (release, trigger.key) in self._settled.get(service, {})
+
+    # -- deciding again: "not now" is not "never" ------------------------------------
+
+    async def reconsider(self, now: float | None = None) -> list[Submission]:
+        """Decide again every trigger that still fires and was refused only by guards that
+        may lapse (cooldown, pause, freeze, a rollback in flight, max_rollbacks), or whose
+        release's dry run or approval no longer stands (mode changed, approval expired).
+        Runs every few seconds and after a restart, when check states come back firing.
+        Silent unless it creates a rollback."""
+        at = self.clock() if now is None else now
+        done: list[Submission] = []
+        for service in list(self.engine.loaded.services.values()):
+            triggers = self._standing(service, at)
+            if not triggers:
+                continue
+            async with self._lock(service.name):
+                try:
+                    submission = self._reconsider_service(service, triggers)
+                except StoreError as exc:
+                    log.critical(
+                        "state store failed: a standing trigger is decided again later",
+                        service=service.name,
+                        error=str(exc),
+                    )
+                    continue
+            if submission is not None:
+                done.append(submission)
+        return done
+
+    def _standing(self, service: Service, at: float) -> list[Trigger]:
+        """The service's automatic triggers that fire now: its rollback checks' firing
+        series, and its mapped alerts still firing."""
+        triggers = [
+            Trigger.from_firing(replace(firing, at=at))
+            for firing in self.engine.firing(service.name)
+            if firing.action is Action.ROLLBACK
+        ]
+        if service.rules.alert:
+            triggers.extend(
+                Trigger.from_alert(alert, at) for alert in self.store.firing_alerts(service.name)
+            )
+        return triggers
+
+    def _reconsider_service(self, service: Service, triggers: list[Trigger]) -> Submission | None:
+        name = service.name
+        current = self.engine.versions.current(name)
+        # Per release: whether its latest rollback takes every automatic trigger (what it
+        # became still stands), looked up once per pass, not once per trigger.
+        joins: dict[int, bool] = {}
+        # The latest breach first: the guards that differ between triggers only judge
+        # when the breach began, and a later one is the likelier to be this release's.
+        triggers.sort(key=lambda t: -math.inf if t.breach_started is None else t.breach_started)
+        for trigger in reversed(triggers):
+            release = self._release_of(name, current, trigger)
+            if self._is_settled(name, release, trigger):
+                continue
+            if release not in joins:
+                existing = self.store.latest_rollback(name, current, release)
+                joins[release] = existing is not None and self._joins(existing, trigger)
+            if joins[release]:
+                continue
+            submission = self._decide(service, trigger, standing=True)
+            if submission.outcome != "refused":
+                return submission
+            if submission.decision is not None and lapses(submission.decision):
+                return None  # the service refuses for now: the others would be refused alike
+        return None
+
+    def _facts(
+        self,
+        service: Service,
+        trigger: Trigger,
+        current: str | None,
+        *,
+        deciding: int | None = None,
+    ) -> GuardFacts:
+        """``deciding``: the rollback being decided (an approval), not counted in flight."""
         name = service.name
         guards = self.engine.loaded.config.guards
         state = self.store.service_state(name)
@@ -445,11 +688,15 @@ class Pipeline:
             for r in self.store.rollbacks(service=name, since=window_start, limit=1000)
             if r.state.executed and r.automatic
         ]
-        live = self.store.rollbacks(
-            service=name,
-            states=[RollbackState.PENDING, RollbackState.RUNNING, RollbackState.VERIFYING],
-            limit=1,
-        )
+        live = [
+            r
+            for r in self.store.rollbacks(
+                service=name,
+                states=[RollbackState.PENDING, RollbackState.RUNNING, RollbackState.VERIFYING],
+                limit=2,
+            )
+            if r.id != deciding
+        ]
         latest_auto = next(
             (
                 r
@@ -491,6 +738,7 @@ class Pipeline:
             target=target,
             target_source=target_source,
             chain_needs_target=any(spec.needs_target() for spec in chain),
+            canary_abort=service.rules.canary is not None and self.engine.canary_active(name),
             in_flight=live[0].id if live else None,
         )
 
@@ -535,7 +783,8 @@ class Pipeline:
                 rollback, "canary_abort", service.rules.canary.abort, context
             )
             if aborted is not None:
-                result = await self._verify(rollback, service)
+                # Judged from the switch on: what the canary did before it says nothing.
+                result = await self._verify(rollback, service, since=self.clock())
                 if result.ok:
                     self._publish("canary.aborted", rollback, {"step": aborted.summary})
                     self._finish(
@@ -544,16 +793,26 @@ class Pipeline:
                     return
                 log.warning("canary abort did not verify: full rollback", rollback=rollback.id)
             context = RollbackContext(**{**context.__dict__, "canary": False})
+            if rollback.to_version is None and any(
+                spec.needs_target() for spec in service.rules.rollback
+            ):
+                reason = (
+                    "the canary abort did not take effect, and the fallback chain needs a "
+                    "target version that no version has baked into"
+                )
+                self._finish(rollback, RollbackState.FAILED, reason)
+                self._freeze(rollback.service, f"rollback {rollback.id} failed: {reason}", now)
+                return
         done = await self._chain(rollback, "rollback", service.rules.rollback, context)
         if done is None:
             reason = "every executor of the rollback chain failed"
             self._finish(rollback, RollbackState.FAILED, reason)
             self._freeze(rollback.service, f"rollback {rollback.id} failed: {reason}", self.clock())
             return
-        await self._verify_and_finish(rollback, service)
+        await self._verify_and_finish(rollback, service, since=self.clock())
 
-    async def _verify_and_finish(self, rollback: Rollback, service: Service) -> None:
-        result = await self._verify(rollback, service)
+    async def _verify_and_finish(self, rollback: Rollback, service: Service, since: float) -> None:
+        result = await self._verify(rollback, service, since=since)
         if result.ok:
             self._finish(rollback, RollbackState.SUCCEEDED, result.reason)
             return
@@ -569,12 +828,16 @@ class Pipeline:
             rollback.service, f"rollback {rollback.id} did not verify: {result.reason}", now
         )
 
-    async def _verify(self, rollback: Rollback, service: Service) -> VerifyResult:
+    async def _verify(
+        self, rollback: Rollback, service: Service, *, since: float | None = None
+    ) -> VerifyResult:
+        """``since``: when the executor switched the service; None after a restart, where
+        it is unknown (judged from now on)."""
         now = self.clock()
         self.store.set_rollback_state(rollback.id, RollbackState.VERIFYING, now)
         step = self.store.start_step(rollback.id, "verify", "verify", now)
         try:
-            result = await self.verifier.verify(service, rollback.to_version)
+            result = await self.verifier.verify(service, rollback.to_version, since=since)
         except Exception as exc:  # a bug in verification must still leave a record
             log.exception("verification crashed", rollback=rollback.id)
             result = VerifyResult(False, f"verification crashed: {exc!r}")
@@ -624,6 +887,11 @@ class Pipeline:
         self._publish(kind, done, {"outcome": outcome})
 
     def _freeze(self, service: str, reason: str, now: float) -> None:
+        """Freeze and page, once: a service already frozen keeps its first reason, and
+        a storm of refused triggers does not page again."""
+        state = self.store.service_state(service)
+        if state is not None and state.frozen:
+            return
         self.store.set_frozen(service, True, reason)
         self.bus.publish("service.frozen", now, service, data={"reason": reason})
 
