@@ -428,3 +428,52 @@ async def test_a_service_without_versions_gets_a_rollback_per_firing_episode(
     await s.run_until(switch2 + 10 * MIN)
     assert s.runs() == [["undo"], ["undo"]]
     assert [state for _, _, state in s.rollbacks()] == [RollbackState.SUCCEEDED] * 2
+
+
+@pytest.mark.parametrize("guard", ["paused", "frozen"])
+async def test_a_bad_release_refused_while_held_back_is_rolled_back_once_released(
+    story: type[Story], guard: str
+) -> None:
+    """Refused means "not now": the check keeps firing, and when a person resumes (or
+    thaws) the service, the live bad release is rolled back — once."""
+    t0 = origin()
+    release = t0 + 30 * MIN
+    resume = release + 10 * MIN
+    switch = resume + 2 * MIN
+    timeline = Timeline(
+        [
+            Segment("1.0.0", t0, release - 15),
+            Segment("2.0.0", release, switch - 15, error_ratio=0.3),
+            Segment("1.0.0", switch, switch + 20 * MIN),
+        ]
+    )
+    s = story(timeline, start=t0, switches=(switch,))
+    await s.run_until(release - 5 * MIN)
+    if guard == "paused":
+        s.store.set_pause(SERVICE, True, s.now)
+    else:
+        s.store.set_frozen(SERVICE, True, "a person froze it")
+    await s.run_until(resume)
+    assert s.runs() == [] and s.rollbacks() == []
+    assert s.events("rollback.refused") == ["rollback.refused"]
+    s.store.set_pause(SERVICE, False, s.now)  # rollbackd resume: also thaws
+    s.store.set_frozen(SERVICE, False)
+    await s.run_until(switch + 10 * MIN)
+    assert s.runs() == [["1.0.0"]]
+    assert s.rollbacks() == [("2.0.0", "1.0.0", RollbackState.SUCCEEDED)]
+
+
+async def test_an_approval_nobody_gave_in_time_is_asked_again_while_the_release_is_bad(
+    story: type[Story],
+) -> None:
+    t0 = origin()
+    release = t0 + 30 * MIN
+    end = release + 70 * MIN
+    timeline = Timeline(
+        [Segment("1.0.0", t0, release - 15), Segment("2.0.0", release, end, error_ratio=0.3)]
+    )
+    s = story(timeline, start=t0, mode="approve")
+    await s.run_until(release + 40 * MIN)  # past the default approval_timeout (30m)
+    states = [state for _, _, state in s.rollbacks()]
+    assert states == [RollbackState.EXPIRED, RollbackState.PENDING]
+    assert s.runs() == []
