@@ -797,30 +797,34 @@ class Engine:
         loaded = self.loaded.services.get(service)
         if loaded is None:
             return []
-        current = self.versions.current(service)
-        found: list[Firing] = []
+        found: list[tuple[str, Action, SeriesState, Measurement]] = []
         for check in loaded.rules.check:
             state = self.states.get((service, check.name))
-            measured = self._measured.get((service, check.name), {})
-            if state is None:
+            if state is None or not state.firing:
                 continue
+            measured = self._measured.get((service, check.name), {})
             for labels, series in state.series.items():
                 measurement = measured.get(labels)
-                if series.phase is not Phase.FIRING or measurement is None:
-                    continue
-                began = series.pending_since or series.firing_since
-                found.append(
-                    Firing(
-                        service=service,
-                        check=check.name,
-                        action=check.action,
-                        measurement=measurement,
-                        version=current,
-                        breach_started=began.timestamp() if began else measurement_at(series),
-                        at=measurement_at(series),
-                    )
+                if series.phase is Phase.FIRING and measurement is not None:
+                    found.append((check.name, check.action, series, measurement))
+        if not found:
+            return []  # the common case, every few seconds for every service: no store read
+        current = self.versions.current(service)
+        firings = []
+        for name, action, series, measurement in found:
+            began = series.pending_since or series.firing_since
+            firings.append(
+                Firing(
+                    service=service,
+                    check=name,
+                    action=action,
+                    measurement=measurement,
+                    version=current,
+                    breach_started=began.timestamp() if began else measurement_at(series),
+                    at=measurement_at(series),
                 )
-        return found
+            )
+        return firings
 
     async def _handle_changes(
         self, service: Service, check: CheckSpec, evaluation: CheckEvaluation
