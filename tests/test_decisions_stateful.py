@@ -341,13 +341,25 @@ class Decisions(RuleBasedStateMachine):
             assert start >= live - STEP, (r, start, live)
 
     def run_start(self, at: float) -> float:
-        start = at
-        for tick in reversed([t for t in self.model.ticks if t.at <= at]):
-            if tick.health in ("bad", "error"):
-                start = tick.at if tick.health == "bad" else start
-                continue
-            break
-        return start
+        """When the breach under way at ``at`` began, by a reference model of the check's
+        rule run over what the scripted Prometheus answered: 3 breaches in a row fire; no
+        data ends a pending run, a failed query holds it for 3 evaluations; only an OK
+        evaluation ends a firing one. ``inf`` when no breach is under way."""
+        phase, since, count, held = "ok", math.inf, 0, 0
+        for tick in (t for t in self.model.ticks if t.at <= at):
+            if tick.health == "good":
+                phase, since, count, held = "ok", math.inf, 0, 0
+            elif tick.health == "bad":
+                if phase == "ok":
+                    phase, since, count = "pending", tick.at, 0
+                count, held = count + 1, 0
+                if count >= 3:
+                    phase = "firing"
+            elif phase == "pending" and (tick.health == "nodata" or held >= 3):
+                phase, since, count, held = "ok", math.inf, 0, 0
+            elif phase == "pending":
+                held += 1
+        return since
 
     @invariant()
     def no_bad_release_left_live(self) -> None:
