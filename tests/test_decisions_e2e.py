@@ -27,6 +27,7 @@ from rollbackd.prometheus import PrometheusClient
 from rollbackd.store import ConflictError, RollbackState, Store
 from rollbackd.verify import Verifier
 from support.configs import write_config
+from support.daemon_process import set_mode
 from support.prometheus import PrometheusFactory
 from support.timeline import CANARY_QUERY, SERVICE, VERSION_QUERY, Segment, Timeline, origin
 
@@ -101,7 +102,7 @@ class Story:
         server.wait_ready()
         self.log = tmp_path / "runs.jsonl"
         self.config = write_config(tmp_path, server.url, {SERVICE: rules(self.log, **rule_options)})
-        self.set_mode(mode)
+        set_mode(self.config, mode)
         self.store = Store(tmp_path / "state.db")
         self.switches = switches
         self.now = float(start)
@@ -114,13 +115,6 @@ class Story:
         verifier = Verifier(self.engine, clock=self.clock, sleep=self.sleep)
         self.pipeline = Pipeline(self.engine, clock=self.clock, verifier=verifier)
         self.engine.on_fire = self.pipeline.on_fire
-
-    def set_mode(self, mode: str) -> None:
-        text = self.config.read_text()
-        lines = [line for line in text.splitlines() if not line.startswith("mode = ")]
-        self.config.write_text(
-            "\n".join(lines).replace("[daemon]\n", f'[daemon]\nmode = "{mode}"\n', 1)
-        )
 
     def reload(self) -> None:
         self.engine.replace_config(load(self.config))
@@ -363,7 +357,7 @@ async def test_dry_run_switched_to_auto_by_a_reload_rolls_the_live_bad_release_b
     await s.run_until(switch)
     assert s.runs() == []
     assert s.rollbacks() == [("2.0.0", "1.0.0", RollbackState.DRY_RUN)]
-    s.set_mode("auto")
+    set_mode(s.config, "auto")
     s.reload()
     await s.run_until(switch + 15 * MIN)
     assert s.runs() == [["1.0.0"]]

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import sys
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -27,42 +26,31 @@ from rollbackd.prometheus import PrometheusClient
 from rollbackd.store import ConflictError, RollbackState, Store
 from rollbackd.verify import Verifier
 from support.configs import write_config
-
-RECORD = str(Path(__file__).parent / "support" / "record_run.py")
-
-
-def rules(log: Path, *, target: bool = True) -> str:
-    argv = [sys.executable, RECORD, str(log), "{to_version}" if target else "undo"]
-    return f"""
-[service]
-name = "api"
-rollback_window = "1h"
-
-[[rollback]]
-type = "command"
-argv = {json.dumps(argv)}
-timeout = "20s"
-
-[verify]
-window = "100ms"
-
-[[alert]]
-alertname = "ApiDown"
-"""
+from support.daemon_process import alert_service, set_mode
 
 
 class World:
     def __init__(
-        self, tmp_path: Path, *, guards: str = "", mode: str = "auto", target: bool = True
+        self,
+        tmp_path: Path,
+        *,
+        guards: str = "",
+        mode: str = "auto",
+        target: bool = True,
+        executor_args: tuple[str, ...] = (),
     ) -> None:
         self.log = tmp_path / "runs.jsonl"
         self.config = write_config(
             tmp_path,
             "http://127.0.0.1:9",  # never asked: no checks, no version_query
-            {"api": rules(self.log, target=target)},
+            {
+                "api": alert_service(
+                    "api", self.log, alertname="ApiDown", target=target, executor_args=executor_args
+                )
+            },
             extra=f"[guards]\n{guards}\n" if guards else "",
         )
-        self.set_mode(mode)
+        set_mode(self.config, mode)
         self.store = Store(tmp_path / "state.db")
         loaded = load(self.config)
         self.engine = Engine(loaded, PrometheusClient(loaded.config.prometheus), self.store)
@@ -76,12 +64,6 @@ class World:
         """The verifier's wait, in simulated time."""
         self.now += seconds
         await asyncio.sleep(0)
-
-    def set_mode(self, mode: str) -> None:
-        text = self.config.read_text()
-        lines = [line for line in text.splitlines() if not line.startswith("mode = ")]
-        text = "\n".join(lines).replace("[daemon]\n", f'[daemon]\nmode = "{mode}"\n', 1)
-        self.config.write_text(text)
 
     def reload(self) -> None:
         """What SIGHUP does to the engine's config."""
@@ -226,7 +208,7 @@ async def test_dry_run_then_auto_by_reload_rolls_the_live_bad_release_back(
     await w.reconsider()
     assert w.runs() == []
     assert w.rollbacks() == [("2.0.0", "1.0.0", RollbackState.DRY_RUN)]
-    w.set_mode("auto")
+    set_mode(w.config, "auto")
     w.reload()
     await w.reconsider()
     assert len(w.runs()) == 1
@@ -356,15 +338,7 @@ async def test_a_frozen_service_pages_once_however_many_triggers_are_refused(
 async def test_a_rollback_cut_short_by_a_stop_is_left_for_the_next_start(
     world: type[World],
 ) -> None:
-    w = world()
-    hang = [sys.executable, RECORD, str(w.log), "{to_version}", "--hang"]
-    text = w.config.parent.joinpath("rules", "api.toml").read_text()
-    w.config.parent.joinpath("rules", "api.toml").write_text(
-        text.replace(
-            json.dumps([sys.executable, RECORD, str(w.log), "{to_version}"]), json.dumps(hang)
-        )
-    )
-    w.reload()
+    w = world(executor_args=("--hang",))
     w.release("1.0.0", good=True)
     w.release("2.0.0")
     await w.alert()

@@ -38,6 +38,7 @@ from rollbackd.samples import QueryResult, ResultType, Sample, labels_of
 from rollbackd.store import ConflictError, RollbackState, Store
 from rollbackd.verify import Verifier
 from support.configs import write_config
+from support.daemon_process import set_mode
 
 STEP = 15.0
 """The checks' interval: one evaluation per step."""
@@ -154,19 +155,12 @@ class Decisions(RuleBasedStateMachine):
     # -- the daemon's parts -------------------------------------------------------------
 
     def start(self) -> None:
-        self.write_mode()
+        set_mode(self.config, self.mode)
         loaded = load(self.config)
         self.engine = Engine(loaded, ScriptedPrometheus(self.model), self.store)  # type: ignore[arg-type]
         verifier = Verifier(self.engine, clock=lambda: self.now, sleep=self._sleep)
         self.pipeline = Pipeline(self.engine, clock=lambda: self.now, verifier=verifier)
         self.engine.on_fire = self.pipeline.on_fire
-
-    def write_mode(self) -> None:
-        text = self.config.read_text()
-        lines = [line for line in text.splitlines() if not line.startswith("mode = ")]
-        self.config.write_text(
-            "\n".join(lines).replace("[daemon]\n", f'[daemon]\nmode = "{self.mode}"\n', 1)
-        )
 
     async def _sleep(self, seconds: float) -> None:
         """The verifier waits between its evaluations; meanwhile the daemon's own jobs go
@@ -260,7 +254,7 @@ class Decisions(RuleBasedStateMachine):
     def switch_mode(self, mode: str, steps: int) -> None:
         """SIGHUP with another mode."""
         self.mode = mode
-        self.write_mode()
+        set_mode(self.config, self.mode)
         self.engine.replace_config(load(self.config))
         self.tick(steps)
 

@@ -84,8 +84,10 @@ def executions(log: Path) -> list[dict[str, Any]]:
 
 
 def set_mode(config: Path, mode: str) -> None:
-    text = config.read_text().replace("[daemon]\n", f'[daemon]\nmode = "{mode}"\n', 1)
-    config.write_text(text)
+    """Set ``[daemon] mode``, replacing the one the file already sets, if any."""
+    lines = [line for line in config.read_text().splitlines() if not line.startswith("mode = ")]
+    text = "\n".join(lines) + "\n"
+    config.write_text(text.replace("[daemon]\n", f'[daemon]\nmode = "{mode}"\n', 1))
 
 
 class InProcessDaemon:
