@@ -386,9 +386,9 @@ def daemon_command(batching: bool | None) -> list[str]:
         return [sys.executable, "-m", "rollbackd", "run"]
     # The engine's default, switched for this process only: before/after in one run.
     code = (
-        "import sys, rollbackd.engine as e; "
+        "import sys, rollbackd.runtime.engine as e; "
         f"e.QUERY_BATCHING = {batching!r}; "
-        "from rollbackd.cli import main; sys.exit(main())"
+        "from rollbackd.cli.main import main; sys.exit(main())"
     )
     return [sys.executable, "-c", code, "run"]
 

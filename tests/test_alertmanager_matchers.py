@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from rollbackd.alert_text import alert_reason, one_line
-from rollbackd.alerts import AlertRoute
-from rollbackd.matchers import MatcherError, parse_matchers
+from rollbackd.core.alert_text import alert_reason, one_line
+from rollbackd.core.matchers import MatcherError, parse_matchers
+from rollbackd.runtime.alert_intake import AlertRoute
 from support.daemon_process import InProcessDaemon, alert_service
 
 

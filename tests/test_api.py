@@ -14,10 +14,10 @@ from typing import Any
 import httpx
 import pytest
 
-from rollbackd.api_models import HistoryQuery
-from rollbackd.pipeline import Submission
-from rollbackd.server import PUBLIC_PATHS
-from rollbackd.store import RollbackState
+from rollbackd.api.app import PUBLIC_PATHS
+from rollbackd.api.models import HistoryQuery
+from rollbackd.core.model import RollbackState
+from rollbackd.runtime.pipeline import Submission
 from support.daemon_process import TOKEN, InProcessDaemon, alert_service, executions
 
 API_ROUTES = [

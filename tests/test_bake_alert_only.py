@@ -19,21 +19,21 @@ import pytest
 from prometheus_client import CollectorRegistry
 from pydantic import ValidationError
 
-from rollbackd.alertmanager_api import (
+from rollbackd.alertmanager import (
     ALERTS_PARAMS,
     ALERTS_PATH,
     AlertmanagerReader,
     AlertsRead,
     reading_for,
 )
-from rollbackd.config import AlertmanagerSection, Config
-from rollbackd.engine import Engine
-from rollbackd.loader import load
-from rollbackd.pipeline import Pipeline
+from rollbackd.api.app import create_app
+from rollbackd.config.loader import load
+from rollbackd.config.settings import AlertmanagerSection, Config
+from rollbackd.core.samples import Verdict
 from rollbackd.prometheus import PrometheusClient
-from rollbackd.samples import Verdict
-from rollbackd.server import create_app
-from rollbackd.store import Store
+from rollbackd.runtime.engine import Engine
+from rollbackd.runtime.pipeline import Pipeline
+from rollbackd.store.sqlite import Store
 from support.alertmanager import AlertmanagerServer, alertmanager_available
 from support.configs import write_config
 from support.daemon_process import alert_service, set_mode

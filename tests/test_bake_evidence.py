@@ -14,7 +14,13 @@ import httpx
 import pytest
 from prometheus_client import CollectorRegistry
 
-from rollbackd.bake_evidence import (
+from rollbackd.api.app import create_app
+from rollbackd.checks.base import Action
+from rollbackd.checks.judge import Measurement
+from rollbackd.cli.main import _print_status
+from rollbackd.core.samples import Labels, Verdict
+from rollbackd.prometheus import PrometheusClient
+from rollbackd.runtime.bake_evidence import (
     NO_ALERTMANAGER,
     Assessment,
     BakeState,
@@ -33,16 +39,10 @@ from rollbackd.bake_evidence import (
     requirement,
     within,
 )
-from rollbackd.checks.base import Action
-from rollbackd.checks.judge import Measurement
-from rollbackd.cli import _print_status
-from rollbackd.engine import Engine
-from rollbackd.pipeline import Pipeline
-from rollbackd.prometheus import PrometheusClient
-from rollbackd.samples import Labels, Verdict
-from rollbackd.server import create_app
-from rollbackd.store import Store
-from rollbackd.versions import VersionTracker
+from rollbackd.runtime.engine import Engine
+from rollbackd.runtime.pipeline import Pipeline
+from rollbackd.runtime.versions import VersionTracker
+from rollbackd.store.sqlite import Store
 from support import dataset
 from support.configs import load_config, service
 from support.hostile_http import closed_port

@@ -13,12 +13,12 @@ from urllib.parse import quote_plus
 
 import pytest
 
-from rollbackd import batching
-from rollbackd.engine import CheckEvaluation, Engine
+from rollbackd.checks import batching
+from rollbackd.core.samples import Verdict
 from rollbackd.prometheus import PrometheusClient, QueryError
-from rollbackd.samples import Verdict
-from rollbackd.scheduler import Scheduler
-from rollbackd.store import Store
+from rollbackd.runtime.engine import CheckEvaluation, Engine
+from rollbackd.runtime.scheduler import Scheduler
+from rollbackd.store.sqlite import Store
 from support import dataset
 from support.configs import load_config, service
 from support.hostile_http import closed_port

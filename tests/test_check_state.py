@@ -19,12 +19,13 @@ from hypothesis import strategies as st
 from pydantic import TypeAdapter
 
 from rollbackd.checks import Check
-from rollbackd.checks.base import DEFAULT_BREACHES, OnMissing
-from rollbackd.checks.state import (
+from rollbackd.checks.base import DEFAULT_BREACHES
+from rollbackd.core.check_state import (
     Change,
     CheckState,
     Errored,
     Judged,
+    OnMissing,
     Phase,
     Policy,
     SeriesState,
@@ -32,7 +33,7 @@ from rollbackd.checks.state import (
     step,
     step_check,
 )
-from rollbackd.samples import Labels, Verdict
+from rollbackd.core.samples import Labels, Verdict
 
 CHECK: TypeAdapter[Any] = TypeAdapter(Check)
 T0 = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
@@ -442,7 +443,7 @@ def test_policy_from_a_check_with_defaults() -> None:
     check = CHECK.validate_python(
         {"name": "errors", "type": "error_rate", "errors": 'code=~"5.."', "above": 0.05}
     )
-    assert Policy.from_check(check) == Policy(
+    assert check.policy() == Policy(
         for_=None, breaches=DEFAULT_BREACHES, on_no_data=IGNORE, on_error=IGNORE, blind_after=3
     )
 
@@ -459,7 +460,7 @@ def test_policy_from_a_check_with_for_and_missing_data_as_breach() -> None:
             "on_error": "breach",
         }
     )
-    policy = Policy.from_check(check, blind_after=5)
+    policy = check.policy(blind_after=5)
     assert policy.for_ == timedelta(minutes=2)
     assert (policy.on_no_data, policy.on_error, policy.blind_after) == (BREACH, BREACH, 5)
 
@@ -468,7 +469,7 @@ def test_policy_from_a_check_with_breaches() -> None:
     check = CHECK.validate_python(
         {"name": "probe", "type": "probe", "selector": 'job="bb"', "breaches": 5}
     )
-    policy = Policy.from_check(check)
+    policy = check.policy()
     assert (policy.for_, policy.breaches) == (None, 5)
 
 

@@ -19,15 +19,16 @@ from hypothesis import given
 from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
-from rollbackd import store as store_module
-from rollbackd.checks.state import CheckState, Phase, SeriesState, Transition
-from rollbackd.checks.state_codec import StateFormatError, decode, encode, kept
-from rollbackd.engine import CheckEvaluation, Engine, Firing
-from rollbackd.loader import LoadedConfig
-from rollbackd.pipeline import Pipeline
+from rollbackd.config.loader import LoadedConfig
+from rollbackd.core.check_state import CheckState, Phase, SeriesState, Transition
+from rollbackd.core.samples import Labels, Verdict
 from rollbackd.prometheus import PrometheusClient, PrometheusError
-from rollbackd.samples import Labels, Verdict
-from rollbackd.store import Store, StoreError
+from rollbackd.runtime.engine import CheckEvaluation, Engine, Firing
+from rollbackd.runtime.pipeline import Pipeline
+from rollbackd.store import sqlite as store_module
+from rollbackd.store.check_state_codec import StateFormatError, decode, encode, kept
+from rollbackd.store.errors import StoreError
+from rollbackd.store.sqlite import Store
 from support import dataset
 from support.configs import load_config, service
 from support.prometheus import PrometheusServer, create_blocks

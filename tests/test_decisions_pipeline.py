@@ -18,13 +18,15 @@ from pathlib import Path
 
 import pytest
 
-from rollbackd.alerts import AlertReceiver, Delivery, IncomingAlert
-from rollbackd.engine import Engine
-from rollbackd.loader import load
-from rollbackd.pipeline import Pipeline
+from rollbackd.config.loader import load
+from rollbackd.core.model import RollbackState
 from rollbackd.prometheus import PrometheusClient
-from rollbackd.store import ConflictError, RollbackState, Store
-from rollbackd.verify import Verifier
+from rollbackd.runtime.alert_intake import AlertReceiver, Delivery, IncomingAlert
+from rollbackd.runtime.engine import Engine
+from rollbackd.runtime.pipeline import Pipeline
+from rollbackd.runtime.verify import Verifier
+from rollbackd.store.errors import ConflictError
+from rollbackd.store.sqlite import Store
 from support.configs import write_config
 from support.daemon_process import alert_service, set_mode
 

@@ -30,13 +30,15 @@ from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
-from rollbackd.engine import Engine
-from rollbackd.loader import load
-from rollbackd.pipeline import Pipeline
+from rollbackd.config.loader import load
+from rollbackd.core.model import RollbackState
+from rollbackd.core.samples import QueryResult, ResultType, Sample, labels_of
 from rollbackd.prometheus import PrometheusUnavailable
-from rollbackd.samples import QueryResult, ResultType, Sample, labels_of
-from rollbackd.store import ConflictError, RollbackState, Store
-from rollbackd.verify import Verifier
+from rollbackd.runtime.engine import Engine
+from rollbackd.runtime.pipeline import Pipeline
+from rollbackd.runtime.verify import Verifier
+from rollbackd.store.errors import ConflictError
+from rollbackd.store.sqlite import Store
 from support.configs import write_config
 from support.daemon_process import set_mode
 

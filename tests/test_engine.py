@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from rollbackd.checks.state import Phase
-from rollbackd.engine import Engine, Firing
+from rollbackd.core.check_state import Phase
+from rollbackd.core.samples import Verdict
 from rollbackd.prometheus import PrometheusClient
-from rollbackd.samples import Verdict
-from rollbackd.store import Store
+from rollbackd.runtime.engine import Engine, Firing
+from rollbackd.store.sqlite import Store
 from support import dataset
 from support.configs import load_config, service
 from support.hostile_http import HungServer

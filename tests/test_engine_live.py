@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from rollbackd.engine import Engine
+from rollbackd.core.samples import Verdict
 from rollbackd.prometheus import PrometheusClient
-from rollbackd.samples import Verdict
-from rollbackd.store import Store
+from rollbackd.runtime.engine import Engine
+from rollbackd.store.sqlite import Store
 from support.configs import load_config, service
 from support.fake_service import FakeService
 from support.prometheus import PrometheusServer, ScrapeTarget

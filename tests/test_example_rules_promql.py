@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from rollbackd.checks import BurnRateCheck, CheckSpec
-from rollbackd.loader import LoadedConfig, load
+from rollbackd.config.loader import LoadedConfig, load
 from support import dataset
 from support.prometheus import PrometheusServer, Result, by_label, sample_value
 

@@ -13,9 +13,9 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
+from rollbackd.config.loader import load_rule_file
 from rollbackd.executors.base import RollbackContext
 from rollbackd.executors.http import HttpExecutor, HttpRun, redact_url
-from rollbackd.loader import load_rule_file
 from support.hostile_http import (
     CLOSE,
     HungServer,

@@ -17,12 +17,13 @@ from pathlib import Path
 
 import pytest
 
-from rollbackd.engine import Engine
-from rollbackd.pipeline import Pipeline
+from rollbackd.core.model import RollbackState
+from rollbackd.core.samples import Verdict
 from rollbackd.prometheus import PrometheusClient
-from rollbackd.samples import Verdict
-from rollbackd.store import RollbackState, Store
-from rollbackd.verify import Verifier
+from rollbackd.runtime.engine import Engine
+from rollbackd.runtime.pipeline import Pipeline
+from rollbackd.runtime.verify import Verifier
+from rollbackd.store.sqlite import Store
 from support.configs import load_config
 from support.prometheus import PrometheusServer, create_blocks, free_port, poll
 

@@ -31,7 +31,7 @@ from hypothesis import HealthCheck, event, given, note, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel
 
-from rollbackd.api_models import (
+from rollbackd.api.models import (
     AutomationOut,
     ReleaseOut,
     RollbackOut,

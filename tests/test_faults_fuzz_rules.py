@@ -30,10 +30,10 @@ from hypothesis import strategies as st
 from pydantic import BaseModel
 
 from rollbackd.checks.latency import LatencyCheck
-from rollbackd.config import Config
-from rollbackd.durations import format_duration
-from rollbackd.loader import LoadedConfig, Problem, display_path, field_path, validate
-from rollbackd.rules import RuleFile
+from rollbackd.config.loader import LoadedConfig, Problem, display_path, field_path, validate
+from rollbackd.config.rules import RuleFile
+from rollbackd.config.settings import Config
+from rollbackd.core.durations import format_duration
 
 pytestmark = [pytest.mark.faults]
 

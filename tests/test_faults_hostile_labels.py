@@ -33,12 +33,12 @@ from urllib.parse import parse_qs
 
 import pytest
 
-from rollbackd.alert_text import REASON_LIMIT
-from rollbackd.api_models import VERSION_PATTERN as API_VERSION_PATTERN
+from rollbackd.api.models import VERSION_PATTERN as API_VERSION_PATTERN
+from rollbackd.core.alert_text import REASON_LIMIT
+from rollbackd.core.model import RollbackState, VersionSource
 from rollbackd.executors import EXECUTOR_TYPES
-from rollbackd.pipeline import Trigger
-from rollbackd.store import RollbackState, VersionSource
-from rollbackd.versions import VERSION_PATTERN, is_valid_version
+from rollbackd.runtime.pipeline import Trigger
+from rollbackd.runtime.versions import VERSION_PATTERN, is_valid_version
 from support.configs import write_config
 from support.daemon_process import RECORD, DaemonProcess, InProcessDaemon, executions
 from support.fake_service import FakeService
@@ -987,10 +987,10 @@ async def test_a_hostile_version_beside_a_canary_never_names_the_stable_track(
     and a broken exporter's bad label is logged once, not every poll."""
     from structlog.testing import capture_logs
 
-    from rollbackd.engine import Engine
-    from rollbackd.loader import load
+    from rollbackd.config.loader import load
     from rollbackd.prometheus import PrometheusClient
-    from rollbackd.store import Store
+    from rollbackd.runtime.engine import Engine
+    from rollbackd.store.sqlite import Store
     from support.hostile_http import success
 
     hostile = "1.0.0\n$(touch CANARY)"

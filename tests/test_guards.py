@@ -7,8 +7,8 @@ from datetime import timedelta
 
 import pytest
 
-from rollbackd.config import Mode
-from rollbackd.guards import GuardFacts, Outcome, decide
+from rollbackd.core.guards import GuardFacts, Outcome, decide
+from rollbackd.core.model import Mode
 
 NOW = 100_000.0
 

@@ -9,7 +9,7 @@ from pydantic import TypeAdapter
 from rollbackd.checks import Check
 from rollbackd.checks.base import CheckSpec
 from rollbackd.checks.judge import Baseline, Scope, judge
-from rollbackd.samples import QueryResult, ResultType, Sample, Verdict, labels_of
+from rollbackd.core.samples import QueryResult, ResultType, Sample, Verdict, labels_of
 
 CHECK: TypeAdapter[Any] = TypeAdapter(Check)
 

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from rollbackd.config import Mode
-from rollbackd.loader import ConfigError, Problem, field_path, load, validate
+from rollbackd.config.loader import ConfigError, Problem, field_path, load, validate
+from rollbackd.core.model import Mode
 
 ROOT = Path(__file__).resolve().parent.parent
 

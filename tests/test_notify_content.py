@@ -9,9 +9,9 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
-from rollbackd.events import EVENT_TYPES
+from rollbackd.core.events import EVENT_TYPES
+from rollbackd.core.model import Event
 from rollbackd.notify.content import build_message, graph_link, jsonable
-from rollbackd.store import Event
 from support.notify_peers import QUERY, pipeline_event, plain_event
 
 

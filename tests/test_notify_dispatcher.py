@@ -13,14 +13,15 @@ from typing import Any, ClassVar, Literal
 import pytest
 from prometheus_client import CollectorRegistry
 
-from rollbackd.bus import EventBus
+from rollbackd.core.model import Event
 from rollbackd.notify.base import BuildContext, NotifierSpec, Redactor, Sender
 from rollbackd.notify.content import Message
 from rollbackd.notify.dispatcher import Dispatcher, RetryPolicy
 from rollbackd.notify.email import EmailNotifier
 from rollbackd.notify.slack import SlackNotifier
 from rollbackd.notify.webhook import WebhookNotifier
-from rollbackd.store import Event, Store
+from rollbackd.runtime.bus import EventBus
+from rollbackd.store.sqlite import Store
 from support.hostile_http import closed_port
 from support.notify_peers import (
     CLOSE,

@@ -14,12 +14,13 @@ from typing import Any
 
 import pytest
 
-from rollbackd.engine import Engine
-from rollbackd.loader import load
+from rollbackd.config.loader import load
+from rollbackd.core.model import RollbackState
 from rollbackd.notify.dispatcher import Dispatcher, RetryPolicy
-from rollbackd.pipeline import Pipeline, Trigger
 from rollbackd.prometheus import PrometheusClient
-from rollbackd.store import RollbackState, Store
+from rollbackd.runtime.engine import Engine
+from rollbackd.runtime.pipeline import Pipeline, Trigger
+from rollbackd.store.sqlite import Store
 from support.configs import write_config
 from support.notify_peers import (
     ROUTING_KEY,

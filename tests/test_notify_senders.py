@@ -11,10 +11,10 @@ from typing import Any
 
 import pytest
 
+from rollbackd.config.secrets import SecretError
 from rollbackd.notify.base import BuildContext, DeliveryError, NotifierSpec, Sender
 from rollbackd.notify.content import Message, build_message
 from rollbackd.notify.slack import SlackNotifier
-from rollbackd.secrets import SecretError
 from support.hostile_http import closed_port
 from support.notify_peers import (
     CLOSE,

@@ -12,11 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from rollbackd.engine import Engine
-from rollbackd.loader import load
-from rollbackd.pipeline import REFUSAL_QUIET, Pipeline, Trigger
+from rollbackd.config.loader import load
+from rollbackd.core.model import RollbackState
 from rollbackd.prometheus import PrometheusClient
-from rollbackd.store import ConflictError, RollbackState, Store
+from rollbackd.runtime.engine import Engine
+from rollbackd.runtime.pipeline import REFUSAL_QUIET, Pipeline, Trigger
+from rollbackd.store.errors import ConflictError
+from rollbackd.store.sqlite import Store
 from support.configs import write_config
 
 RECORD = str(Path(__file__).parent / "support" / "record_run.py")

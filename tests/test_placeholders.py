@@ -3,7 +3,7 @@ import json
 from hypothesis import given
 from hypothesis import strategies as st
 
-from rollbackd.placeholders import check_templates, substitute, substitute_json
+from rollbackd.executors.placeholders import check_templates, substitute, substitute_json
 
 VALUES = {
     "service": "checkout",

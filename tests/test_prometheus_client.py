@@ -13,7 +13,8 @@ from typing import Any
 
 import pytest
 
-from rollbackd.config import PrometheusSection
+from rollbackd.config.settings import PrometheusSection
+from rollbackd.core.samples import ResultType
 from rollbackd.prometheus import (
     PrometheusClient,
     PrometheusError,
@@ -21,7 +22,6 @@ from rollbackd.prometheus import (
     QueryError,
     UnavailableReason,
 )
-from rollbackd.samples import ResultType
 from support.hostile_http import (
     CLOSE,
     STARTING,

@@ -13,10 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from rollbackd.engine import Engine
-from rollbackd.pipeline import Pipeline
+from rollbackd.core.model import RollbackState
 from rollbackd.prometheus import PrometheusClient
-from rollbackd.store import RollbackState, Store
+from rollbackd.runtime.engine import Engine
+from rollbackd.runtime.pipeline import Pipeline
+from rollbackd.store.sqlite import Store
 from support.configs import load_config
 from support.fake_service import FakeService
 from support.prometheus import PrometheusServer, ScrapeTarget

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from rollbackd.checks.state import CheckState, SeriesState
-from rollbackd.engine import Engine
+from rollbackd.core.check_state import CheckState, SeriesState
 from rollbackd.prometheus import PrometheusClient
-from rollbackd.scheduler import Scheduler
-from rollbackd.store import Store
+from rollbackd.runtime.engine import Engine
+from rollbackd.runtime.scheduler import Scheduler
+from rollbackd.store.sqlite import Store
 from support.configs import load_config, service
 from support.prometheus import PrometheusServer
 

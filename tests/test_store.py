@@ -11,17 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from rollbackd import store as store_module
-from rollbackd.store import (
-    SCHEMA_VERSION,
-    ConflictError,
-    Event,
-    JSONValue,
-    SchemaTooNewError,
-    Store,
-    StoreError,
-    VersionSource,
-)
+from rollbackd.core.model import Event, JSONValue, VersionSource
+from rollbackd.store import sqlite as store_module
+from rollbackd.store.errors import ConflictError, SchemaTooNewError, StoreError
+from rollbackd.store.sqlite import SCHEMA_VERSION, Store
 
 DISCOVERED = VersionSource.DISCOVERED
 

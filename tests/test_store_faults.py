@@ -16,11 +16,12 @@ from typing import Any
 
 import pytest
 
-from rollbackd.engine import Engine
-from rollbackd.loader import load
-from rollbackd.pipeline import Pipeline, Trigger
+from rollbackd.config.loader import load
+from rollbackd.core.model import RollbackState
 from rollbackd.prometheus import PrometheusClient
-from rollbackd.store import RollbackState, Store
+from rollbackd.runtime.engine import Engine
+from rollbackd.runtime.pipeline import Pipeline, Trigger
+from rollbackd.store.sqlite import Store
 from support.configs import write_config
 from support.daemon_process import DaemonProcess, alert_service, executions
 from support.hostile_http import Recorded, RecordingServer, Reply, success

@@ -28,12 +28,13 @@ import pytest
 from pydantic import TypeAdapter
 
 from rollbackd.checks import Check
-from rollbackd.engine import Engine
-from rollbackd.pipeline import Pipeline
+from rollbackd.core.model import RollbackState
+from rollbackd.core.samples import Verdict
 from rollbackd.prometheus import PrometheusClient
-from rollbackd.samples import Verdict
-from rollbackd.store import RollbackState, Store
-from rollbackd.verify import Verifier, window_cap
+from rollbackd.runtime.engine import Engine
+from rollbackd.runtime.pipeline import Pipeline
+from rollbackd.runtime.verify import Verifier, window_cap
+from rollbackd.store.sqlite import Store
 from support.configs import load_config
 from support.fake_service import FakeService
 from support.prometheus import (

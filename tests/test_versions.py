@@ -11,15 +11,16 @@ from pathlib import Path
 
 import pytest
 
-from rollbackd.samples import Sample, labels_of
-from rollbackd.store import Store, VersionSource
-from rollbackd.versions import (
+from rollbackd.core.model import VersionSource
+from rollbackd.core.samples import Sample, labels_of
+from rollbackd.runtime.versions import (
     TOUCH_FLUSH_EVERY,
     VersionTracker,
     candidates,
     is_valid_version,
     pick_current,
 )
+from rollbackd.store.sqlite import Store
 
 LABEL = "version"
 BAKE = timedelta(minutes=10)

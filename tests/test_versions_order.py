@@ -12,11 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from rollbackd.engine import Engine
+from rollbackd.core.model import VersionSource
+from rollbackd.core.samples import Sample, labels_of
 from rollbackd.prometheus import PrometheusClient
-from rollbackd.samples import Sample, labels_of
-from rollbackd.store import Store, VersionSource
-from rollbackd.versions import ABSENCE_GRACE, VersionObservation, VersionTracker
+from rollbackd.runtime.engine import Engine
+from rollbackd.runtime.versions import ABSENCE_GRACE, VersionObservation, VersionTracker
+from rollbackd.store.sqlite import Store
 from support.configs import load_config, service
 from support.prometheus import PrometheusServer, create_blocks
 

@@ -1,3 +1,3 @@
-from rollbackd.cli import main
+from rollbackd.cli.main import main
 
 raise SystemExit(main())

@@ -62,9 +62,9 @@ from tenacity import (
 )
 from urllib3.util import Retry
 
-from rollbackd.config import PrometheusSection
-from rollbackd.samples import QueryResult, RangeResult, ResultType, Sample, Series, labels_of
-from rollbackd.secrets import read_secret
+from rollbackd.config.secrets import read_secret
+from rollbackd.config.settings import PrometheusSection
+from rollbackd.core.samples import QueryResult, RangeResult, ResultType, Sample, Series, labels_of
 
 __all__ = [
     "PrometheusClient",

@@ -6,7 +6,7 @@ import json
 import sys
 from pathlib import Path
 
-from rollbackd.loader import LoadedConfig, load
+from rollbackd.config.loader import LoadedConfig, load
 
 DEPLOY = str(Path(__file__).parent / "deploy.py")
 

@@ -23,12 +23,12 @@ from typing import Any, Self
 import httpx
 from prometheus_client import CollectorRegistry
 
-from rollbackd.engine import Engine
-from rollbackd.loader import load
-from rollbackd.pipeline import Pipeline
+from rollbackd.api.app import ADDRESS_FILE, create_app
+from rollbackd.config.loader import load
 from rollbackd.prometheus import PrometheusClient
-from rollbackd.server import ADDRESS_FILE, create_app
-from rollbackd.store import Store
+from rollbackd.runtime.engine import Engine
+from rollbackd.runtime.pipeline import Pipeline
+from rollbackd.store.sqlite import Store
 from support.configs import write_config
 from support.prometheus import poll
 

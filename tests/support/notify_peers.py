@@ -5,7 +5,7 @@
   request until released, so a test can count attempts that time out.
 * :class:`SmtpSink` is aiosmtpd's real SMTP server on 127.0.0.1, recording every message,
   answering DATA as scripted, optionally requiring a login.
-* :func:`pipeline_event` builds events shaped exactly as ``rollbackd.pipeline`` publishes
+* :func:`pipeline_event` builds events shaped exactly as ``rollbackd.runtime.pipeline`` publishes
   them, the trigger made by ``Trigger.from_firing`` from a real measurement.
 """
 
@@ -34,18 +34,18 @@ from prometheus_client import CollectorRegistry
 
 from rollbackd.checks.base import Action, Comparison, Threshold
 from rollbackd.checks.judge import Baseline, Measurement
-from rollbackd.config import LogFormat
-from rollbackd.engine import Firing
-from rollbackd.logs import configure
+from rollbackd.config.settings import LogFormat
+from rollbackd.core.model import Event, JSONValue
+from rollbackd.core.samples import Verdict
 from rollbackd.notify.base import NotifierSpec
 from rollbackd.notify.dispatcher import RetryPolicy
 from rollbackd.notify.grafana import GrafanaNotifier
 from rollbackd.notify.pagerduty import PagerDutyNotifier
 from rollbackd.notify.slack import SlackNotifier
 from rollbackd.notify.webhook import WebhookNotifier
-from rollbackd.pipeline import Trigger
-from rollbackd.samples import Verdict
-from rollbackd.store import Event, JSONValue
+from rollbackd.runtime.engine import Firing
+from rollbackd.runtime.logs import configure
+from rollbackd.runtime.pipeline import Trigger
 from support.hostile_http import CLOSE as CLOSE
 from support.hostile_http import HungServer as HungServer
 from support.hostile_http import Recorded as Recorded

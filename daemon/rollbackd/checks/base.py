@@ -17,9 +17,10 @@ from typing import Annotated, ClassVar, Self
 
 from pydantic import AfterValidator, Field, model_validator
 
-from rollbackd.durations import Duration, Fraction, format_duration
-from rollbackd.samples import Labels, QueryResult
-from rollbackd.strict import Strict
+from rollbackd.config.strict import Strict
+from rollbackd.core.check_state import OnMissing, Policy
+from rollbackd.core.durations import Duration, Fraction, format_duration
+from rollbackd.core.samples import Labels, QueryResult
 
 DEFAULT_BREACHES = 3
 """Consecutive breaching evaluations needed when a check sets neither ``for`` nor ``breaches``:
@@ -76,13 +77,6 @@ MetricName = Annotated[str, AfterValidator(_metric)]
 LabelName = Annotated[str, AfterValidator(_label)]
 Matchers = Annotated[str, AfterValidator(_matchers)]
 """Label matchers as written inside ``{...}``: ``'service="checkout", code=~"5.."'``."""
-
-
-class OnMissing(StrEnum):
-    """What an evaluation without an answer (no data, or a failed query) counts as."""
-
-    IGNORE = "ignore"
-    BREACH = "breach"
 
 
 class Action(StrEnum):
@@ -218,6 +212,17 @@ class CheckSpec(Strict):
     def consecutive_breaches(self) -> int:
         """Breaching evaluations needed to fire when no ``for`` is set."""
         return self.breaches if self.breaches is not None else DEFAULT_BREACHES
+
+    def policy(self, *, blind_after: int = 3, error_hold: int = 3) -> Policy:
+        """The state machine's share of this check's settings."""
+        return Policy(
+            for_=self.for_,
+            breaches=self.consecutive_breaches,
+            on_no_data=self.on_no_data,
+            on_error=self.on_error,
+            blind_after=blind_after,
+            error_hold=error_hold,
+        )
 
     def threshold(self) -> Threshold | None:
         """The absolute threshold, if the type has one (burn-rate checks have tiers)."""

@@ -25,9 +25,9 @@ from rollbackd.checks.base import (
     capped,
     ratio,
 )
-from rollbackd.durations import Duration, format_duration
-from rollbackd.samples import Labels, QueryResult
-from rollbackd.strict import Strict
+from rollbackd.config.strict import Strict
+from rollbackd.core.durations import Duration, format_duration
+from rollbackd.core.samples import Labels, QueryResult
 
 # (long window, short window, share of the period's error budget spent in the long window)
 _DEFAULT_TIERS = (

@@ -19,7 +19,7 @@ from rollbackd.checks.base import (
     series,
     sum_by,
 )
-from rollbackd.durations import Duration, format_duration
+from rollbackd.core.durations import Duration, format_duration
 
 
 class ErrorRateCheck(CheckSpec):

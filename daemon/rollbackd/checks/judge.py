@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from rollbackd.checks.base import CheckSpec, Direction, Reading, Threshold
-from rollbackd.samples import Labels, QueryResult, Verdict, format_labels
+from rollbackd.core.samples import Labels, QueryResult, Verdict, format_labels
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from rollbackd.checks.base import (
     series,
     sum_by,
 )
-from rollbackd.durations import Duration, Seconds, format_duration
+from rollbackd.core.durations import Duration, Seconds, format_duration
 
 
 def _bound(value: float) -> float:

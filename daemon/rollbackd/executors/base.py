@@ -15,10 +15,10 @@ from typing import Generic, Self, TypeVar
 
 from pydantic import model_validator
 
-from rollbackd.durations import Duration
-from rollbackd.placeholders import check_templates
-from rollbackd.strict import Strict
-from rollbackd.versions import is_valid_version
+from rollbackd.config.strict import Strict
+from rollbackd.core.durations import Duration
+from rollbackd.executors.placeholders import check_templates
+from rollbackd.runtime.versions import is_valid_version
 
 
 class ExecutorSpec(Strict):

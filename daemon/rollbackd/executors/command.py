@@ -13,8 +13,8 @@ from rollbackd.executors.base import (
     StepResult,
     UnsafeValueError,
 )
+from rollbackd.executors.placeholders import substitute
 from rollbackd.executors.process import base_environment, run_process
-from rollbackd.placeholders import substitute
 
 
 class CommandExecutor(ExecutorSpec):

@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 from pydantic import Field, model_validator
 
 from rollbackd.executors.base import Executor, ExecutorSpec, RollbackContext, StepResult
+from rollbackd.executors.placeholders import substitute
 from rollbackd.executors.process import DEFAULT_TAIL_BYTES, ProcessResult, base_environment
 from rollbackd.executors.steps import (
     Explain,
@@ -25,7 +26,6 @@ from rollbackd.executors.steps import (
     refuse_unsafe,
     shorten,
 )
-from rollbackd.placeholders import substitute
 
 
 class GitExecutor(ExecutorSpec):

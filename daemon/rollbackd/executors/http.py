@@ -20,6 +20,7 @@ from tenacity import (
     wait_exponential,
 )
 
+from rollbackd.config.secrets import SecretError, read_secret
 from rollbackd.executors.base import (
     Executor,
     ExecutorSpec,
@@ -27,9 +28,8 @@ from rollbackd.executors.base import (
     StepResult,
     UnsafeValueError,
 )
+from rollbackd.executors.placeholders import substitute, substitute_json
 from rollbackd.executors.process import DEFAULT_TAIL_BYTES, format_seconds
-from rollbackd.placeholders import substitute, substitute_json
-from rollbackd.secrets import SecretError, read_secret
 
 SAFE_TO_RETRY = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS"})
 

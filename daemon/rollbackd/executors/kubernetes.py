@@ -13,6 +13,7 @@ from rollbackd.executors.base import (
     RollbackContext,
     StepResult,
 )
+from rollbackd.executors.placeholders import substitute
 from rollbackd.executors.steps import (
     Clock,
     ProgramSteps,
@@ -20,7 +21,6 @@ from rollbackd.executors.steps import (
     refuse_unsafe,
     tool_timeout,
 )
-from rollbackd.placeholders import substitute
 
 
 class KubernetesExecutor(ExecutorSpec):

@@ -32,7 +32,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from rollbackd.durations import format_duration
+from rollbackd.core.durations import format_duration
 from rollbackd.executors.base import StepResult
 
 DEFAULT_TAIL_BYTES = 16384

@@ -19,8 +19,8 @@ from rollbackd.executors.base import (
     StepResult,
     UnsafeValueError,
 )
+from rollbackd.executors.placeholders import substitute
 from rollbackd.executors.process import base_environment, format_seconds, run_process
-from rollbackd.placeholders import substitute
 
 
 class SymlinkExecutor(ExecutorSpec):

@@ -12,13 +12,13 @@ Errors::
                           (timeout, connect, network, http_429, http_5xx, http_4xx, http_3xx,
                           invalid, smtp, tls, error) and ``retry`` says whether the failure
                           is transient
-    SecretError           (rollbackd.secrets) a secret could not be read at build time
+    SecretError           (rollbackd.config.secrets) a secret could not be read at build time
 
 Every text a sender puts into an error passes through its :class:`Redactor`, which knows the
 secrets (webhook URLs, routing keys, tokens, passwords) it was built with.
 
-Nothing here may import ``rollbackd.logs`` or ``rollbackd.config``: the config module imports
-this package to know the notifier specs.
+Nothing here may import ``rollbackd.runtime.logs`` or ``rollbackd.config.settings``: the
+config module imports this package to know the notifier specs.
 """
 
 from __future__ import annotations
@@ -34,9 +34,9 @@ from urllib.parse import parse_qsl, urlsplit
 import httpx
 from pydantic import Field, model_validator
 
-from rollbackd.events import EVENT_TYPES
+from rollbackd.config.strict import Strict
+from rollbackd.core.events import EVENT_TYPES
 from rollbackd.notify.content import Message
-from rollbackd.strict import Strict
 
 REDACTED = "[redacted]"
 

@@ -22,7 +22,7 @@ from datetime import UTC, datetime
 from typing import Literal
 from urllib.parse import quote, urlsplit, urlunsplit
 
-from rollbackd.store import Event, JSONValue
+from rollbackd.core.model import Event, JSONValue
 
 Severity = Literal["critical", "error", "warning", "info"]
 

@@ -49,7 +49,8 @@ from tenacity import (
     wait_random,
 )
 
-from rollbackd.logs import get_logger
+from rollbackd.config.secrets import SecretError
+from rollbackd.core.model import Event
 from rollbackd.notify.base import (
     BuildContext,
     DeliveryError,
@@ -58,11 +59,10 @@ from rollbackd.notify.base import (
     default_http_client,
 )
 from rollbackd.notify.content import Message, build_message, fallback_message
-from rollbackd.secrets import SecretError
-from rollbackd.store import Event
+from rollbackd.runtime.logs import get_logger
 
 if TYPE_CHECKING:
-    from rollbackd.bus import EventBus
+    from rollbackd.runtime.bus import EventBus
 
 log = get_logger("rollbackd.notify")
 

@@ -16,9 +16,9 @@ from typing import ClassVar, Literal, Self
 
 from pydantic import Field, model_validator
 
+from rollbackd.config.secrets import read_secret
 from rollbackd.notify.base import BuildContext, NotifierSpec, Redactor, Sender
 from rollbackd.notify.content import Message
-from rollbackd.secrets import read_secret
 
 
 class EmailNotifier(NotifierSpec):

@@ -13,9 +13,9 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field
 
+from rollbackd.config.secrets import read_secret
 from rollbackd.notify.base import BuildContext, HttpSender, NotifierSpec, Redactor, Sender
 from rollbackd.notify.content import Message
-from rollbackd.secrets import read_secret
 
 
 class GrafanaNotifier(NotifierSpec):

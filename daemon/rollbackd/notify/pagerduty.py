@@ -27,9 +27,9 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field
 
+from rollbackd.config.secrets import read_secret
 from rollbackd.notify.base import BuildContext, HttpSender, NotifierSpec, Redactor, Sender
 from rollbackd.notify.content import Cause, Message
-from rollbackd.secrets import read_secret
 
 PAGE_EVENTS = ["rollback.failed", "verify.failed", "service.frozen", "prometheus.unreachable"]
 RESOLVE_EVENTS = ["rollback.succeeded", "prometheus.recovered"]

@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 from typing import Any, ClassVar, Literal
 
+from rollbackd.config.secrets import read_secret
 from rollbackd.notify.base import BuildContext, HttpSender, NotifierSpec, Redactor, Sender
 from rollbackd.notify.content import Message
-from rollbackd.secrets import read_secret
 
 
 class SlackNotifier(NotifierSpec):

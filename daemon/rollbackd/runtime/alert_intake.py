@@ -1,0 +1,207 @@
+"""Alertmanager alerts: which service an alert may roll back, and handing it to the pipeline.
+
+An alert is outside input. Its labels decide only *whether* it matches a service's
+``[[alert]]`` (alertname equal, every matcher satisfied); the service, the executors and the
+version always come from the config and the state store, never from the alert. Labels and
+annotations are stored as data and shown to people, nothing more.
+
+Every delivered alert is recorded before the webhook answers; the receiver is idempotent on
+(fingerprint, startsAt, status), because Alertmanager re-sends a firing group every
+``group_interval``. A resolved alert is recorded and never taken as proof of health: it may
+be synthetic (an alert that merely expired).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+
+from rollbackd.config.loader import LoadedConfig
+from rollbackd.core.matchers import LabelMatcher, parse_matchers
+from rollbackd.core.model import AlertDraft, StoredAlert
+from rollbackd.runtime.logs import get_logger
+from rollbackd.runtime.pipeline import Pipeline, Trigger, UnknownService
+from rollbackd.store.errors import StoreError
+
+log = get_logger("rollbackd.runtime.alert_intake")
+
+
+@dataclass(frozen=True)
+class AlertRoute:
+    """One ``[[alert]]`` of one service."""
+
+    service: str
+    alertname: str
+    matchers: tuple[LabelMatcher, ...]
+
+    def matches(self, labels: Mapping[str, str]) -> bool:
+        return labels.get("alertname") == self.alertname and all(
+            m.matches(labels) for m in self.matchers
+        )
+
+    def __str__(self) -> str:
+        inner = ", ".join(str(m) for m in self.matchers)
+        return f"{self.alertname}{{{inner}}}" if inner else self.alertname
+
+
+def compile_routes(loaded: LoadedConfig) -> list[AlertRoute]:
+    """Every service's ``[[alert]]``, matchers parsed once. The loader has already rejected
+    matchers that cannot be read (rules.AlertMapping), so parsing cannot fail here."""
+    routes: list[AlertRoute] = []
+    for service in loaded.services.values():
+        for mapping in service.rules.alert:
+            matchers = tuple(m for text in mapping.matchers for m in parse_matchers(text))
+            routes.append(AlertRoute(service.name, mapping.alertname, matchers))
+    return routes
+
+
+class AlertRouter:
+    """The routes of the config in force, recompiled when a reload replaces it."""
+
+    def __init__(self, current: Callable[[], LoadedConfig]) -> None:
+        self._current = current
+        self._compiled_for: LoadedConfig | None = None
+        self._routes: list[AlertRoute] = []
+
+    def routes(self) -> list[AlertRoute]:
+        loaded = self._current()
+        if loaded is not self._compiled_for:
+            self._routes = compile_routes(loaded)
+            self._compiled_for = loaded
+        return self._routes
+
+    def services_for(self, labels: Mapping[str, str]) -> list[str]:
+        return sorted({r.service for r in self.routes() if r.matches(labels)})
+
+
+@dataclass(frozen=True)
+class IncomingAlert:
+    """One alert of a delivery, validated (see ``api_models.AlertmanagerAlert``)."""
+
+    fingerprint: str
+    status: str
+    starts_at: datetime
+    ends_at: datetime | None
+    labels: Mapping[str, str]
+    annotations: Mapping[str, str]
+    generator_url: str
+
+
+@dataclass(frozen=True)
+class Delivery:
+    receiver: str
+    group_key: str
+    alerts: Sequence[IncomingAlert]
+
+
+@dataclass(frozen=True)
+class AlertResult:
+    alert: StoredAlert
+    new: bool
+
+
+def _unix(at: datetime) -> float:
+    return at.astimezone(UTC).timestamp()
+
+
+def _end(at: datetime | None) -> float | None:
+    # Alertmanager marks "no end" with Go's zero time, 0001-01-01T00:00:00Z.
+    return None if at is None or at.year <= 1 else _unix(at)
+
+
+class AlertReceiver:
+    """Records each delivery, then hands every matched firing alert not yet handed over to
+    the pipeline, as a firing check would be."""
+
+    def __init__(
+        self,
+        pipeline: Pipeline,
+        *,
+        clock: Callable[[], float] = time.time,
+        counted: Callable[[StoredAlert, bool], None] | None = None,
+    ) -> None:
+        self.pipeline = pipeline
+        self.store = pipeline.store
+        self.router = AlertRouter(lambda: pipeline.engine.loaded)
+        self.clock = clock
+        self._counted = counted
+        # One delivery at a time: two concurrent deliveries of one alert (two routes with
+        # continue) must not both see it unhandled and both hand it over.
+        self._lock = asyncio.Lock()
+
+    def draft(self, delivery: Delivery, alert: IncomingAlert) -> AlertDraft:
+        alertname = alert.labels.get("alertname", "")
+        services = self.router.services_for(alert.labels)
+        matched = services[0] if len(services) == 1 else None
+        if len(services) > 1:
+            outcome = (
+                f"ambiguous: matches the [[alert]] of services {', '.join(services)}; "
+                "recorded, nothing done"
+            )
+        elif matched is None:
+            outcome = "matches no [[alert]]: recorded and ignored"
+        elif alert.status != "firing":
+            outcome = "resolved: recorded; never taken as proof of health"
+        else:
+            outcome = ""
+        return AlertDraft(
+            fingerprint=alert.fingerprint,
+            status=alert.status,
+            starts_at=_unix(alert.starts_at),
+            ends_at=_end(alert.ends_at),
+            alertname=alertname,
+            labels=dict(alert.labels),
+            annotations=dict(alert.annotations),
+            generator_url=alert.generator_url,
+            receiver=delivery.receiver,
+            group_key=delivery.group_key,
+            matched_service=matched,
+            outcome=outcome,
+            needs_handling=matched is not None and alert.status == "firing",
+        )
+
+    async def receive(self, delivery: Delivery) -> list[AlertResult]:
+        """Store every alert (raises StoreError when that fails: nothing was stored, and
+        Alertmanager is to retry), then hand matched firing alerts to the pipeline."""
+        async with self._lock:
+            now = self.clock()
+            drafts = [self.draft(delivery, alert) for alert in delivery.alerts]
+            stored = await asyncio.to_thread(self.store.record_alerts, drafts, now)
+            results: list[AlertResult] = []
+            for alert, new in stored:
+                if self._counted is not None:
+                    self._counted(alert, new)
+                if alert.handled_at is None and alert.matched_service is not None:
+                    alert = await self._hand_over(alert, now)
+                results.append(AlertResult(alert, new))
+            return results
+
+    async def _hand_over(self, alert: StoredAlert, now: float) -> StoredAlert:
+        service = alert.matched_service
+        assert service is not None
+        trigger = Trigger.from_alert(alert, now)
+        rollback_id: int | None = None
+        try:
+            submission = await self.pipeline.submit(trigger)
+        except UnknownService:
+            outcome = f"service {service!r} is no longer configured: nothing done"
+        else:
+            if submission.outcome == "unrecorded":
+                # The pipeline did nothing, since it could not record it: left unhandled,
+                # so Alertmanager's retry (the caller answers 503) brings it back.
+                raise StoreError(submission.reason)
+            rollback_id = submission.rollback.id if submission.rollback else None
+            outcome = f"{submission.outcome}: {submission.reason}"
+        log.info(
+            "alert handed to the pipeline",
+            service=service,
+            alertname=alert.alertname,
+            fingerprint=alert.fingerprint,
+            outcome=outcome,
+            rollback_id=rollback_id,
+        )
+        await asyncio.to_thread(self.store.set_alert_handled, alert.id, now, outcome, rollback_id)
+        return replace(alert, handled_at=now, outcome=outcome, rollback_id=rollback_id)

@@ -1,0 +1,213 @@
+"""``rollbackd run``: the daemon's lifecycle.
+
+Start: load and validate everything, open the store, recover rollbacks a crash left in
+flight, schedule the checks, then tell systemd READY=1 (and keep pinging its watchdog from
+the event loop, so a blocked loop gets the daemon restarted).
+
+SIGHUP: RELOADING=1; parse and validate the new config and rules first; when valid, swap
+them in (unchanged checks keep their state and timing), else keep the old ones running and
+say so (log, ``config.reload_failed`` event, ``rollbackd_config_last_reload_successful``
+0); then READY=1.
+
+SIGTERM / SIGINT: STOPPING=1; stop scheduling; let a running rollback finish within
+``[daemon] stop_grace``, else stop it and mark it interrupted; close the store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import sys
+import time
+from pathlib import Path
+
+from rollbackd.api.app import ApiServer, ApiStartError, start_api
+from rollbackd.config.loader import ConfigError, LoadedConfig, load
+from rollbackd.core.model import RollbackState
+from rollbackd.notify.dispatcher import Dispatcher
+from rollbackd.prometheus import PrometheusClient
+from rollbackd.runtime.engine import Engine
+from rollbackd.runtime.logs import configure, get_logger
+from rollbackd.runtime.metrics import Metrics
+from rollbackd.runtime.pipeline import Pipeline
+from rollbackd.runtime.scheduler import Scheduler
+from rollbackd.runtime.sdnotify import SystemdNotifier
+from rollbackd.store.errors import StoreError
+from rollbackd.store.sqlite import Store
+
+log = get_logger("rollbackd.runtime.daemon")
+
+STATE_FILE = "state.db"
+
+
+def open_store(loaded: LoadedConfig) -> Store:
+    state_dir = Path(loaded.config.daemon.state_dir)
+    if not state_dir.is_absolute():
+        state_dir = loaded.path.resolve().parent / state_dir
+    state_dir.mkdir(parents=True, exist_ok=True)
+    return Store(state_dir / STATE_FILE)
+
+
+class Daemon:
+    def __init__(self, config_path: Path) -> None:
+        self.config_path = config_path
+        self.loaded = load(config_path)
+        self.metrics = Metrics()
+        self.store = open_store(self.loaded)
+        self.client = PrometheusClient(self.loaded.config.prometheus)
+        self.engine = Engine(self.loaded, self.client, self.store, metrics=self.metrics)
+        self.pipeline = Pipeline(self.engine)
+        self.engine.on_fire = self.pipeline.on_fire
+        config = self.loaded.config
+        self.dispatcher = Dispatcher(
+            config.notify,
+            prometheus_url=config.prometheus.url,
+            public_url=config.server.public_url,
+            metrics_registry=self.metrics.registry,
+        )
+        self.dispatcher.subscribe(self.engine.bus)
+        self.scheduler = Scheduler(self.engine)
+        self.systemd = SystemdNotifier()
+        self.api: ApiServer | None = None
+        self._stop = asyncio.Event()
+        self.metrics.config_reload_ok.set(1)
+        self.metrics.config_reload_time.set(time.time())
+
+    def reload(self) -> bool:
+        """Load the config and rules again; keep the running ones unless the new are valid."""
+        self.systemd.reloading()
+        try:
+            try:
+                loaded = load(self.config_path)
+            except ConfigError as exc:
+                problems = [str(p) for p in exc.problems]
+                log.error("reload failed: keeping the running config", problems=problems)
+                self.metrics.config_reload_ok.set(0)
+                self.engine.bus.publish(
+                    "config.reload_failed",
+                    time.time(),
+                    data={"config": str(self.config_path), "problems": problems},
+                )
+                return False
+            if loaded.config.prometheus != self.loaded.config.prometheus:
+                self.client = PrometheusClient(loaded.config.prometheus)
+                self.engine.client = self.client
+            if loaded.config.server != self.loaded.config.server:
+                log.warning("[server] changes take effect at the next restart")
+            self.loaded = loaded
+            self.scheduler.reload(loaded)
+            # Always, so rotated secret files take effect.
+            self.dispatcher.reload(
+                loaded.config.notify,
+                prometheus_url=loaded.config.prometheus.url,
+                public_url=loaded.config.server.public_url,
+            )
+            self.metrics.config_reload_ok.set(1)
+            self.metrics.config_reload_time.set(time.time())
+            log.info("reloaded", services=len(loaded.services))
+            return True
+        finally:
+            self.systemd.ready(self.status_line())
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def status_line(self) -> str:
+        services = self.engine.loaded.services.values()
+        checks = sum(len(s.rules.check) for s in services)
+        firing = sum(1 for state in self.engine.states.values() if state.firing)
+        live = len(
+            self.store.rollbacks(states=[RollbackState.RUNNING, RollbackState.VERIFYING], limit=100)
+        )
+        self.metrics.rollbacks_in_flight.set(live)
+        blind = len(self.engine.blind_checks)
+        return (
+            f"{len(services)} services, {checks} checks, {firing} firing, {blind} blind, "
+            f"{live} rollbacks in flight"
+        )
+
+    async def _watchdog(self) -> None:
+        """WATCHDOG=1 from the event loop itself: if the loop stalls, systemd notices."""
+        interval = self.systemd.watchdog_interval or 5.0
+        while True:
+            self.systemd.send("WATCHDOG=1", f"STATUS={self.status_line()}")
+            await asyncio.sleep(interval)
+
+    async def _shutdown(self) -> None:
+        self.systemd.stopping()
+        log.info("rollbackd stopping")
+        if self.api is not None:
+            await self.api.stop()
+        self.scheduler.shutdown()
+        grace = self.loaded.config.daemon.stop_grace.total_seconds()
+        try:
+            await asyncio.wait_for(self.pipeline.wait_idle(), timeout=grace)
+        except TimeoutError:
+            log.warning("rollbacks still running after stop_grace: stopping them", grace=grace)
+            await self.pipeline.interrupt_all(
+                f"the daemon was stopped and the rollback did not finish within {grace:g}s"
+            )
+        # After the pipeline: its last events (rollback.failed) must still go out.
+        await self.dispatcher.stop(timeout=5.0)
+        self.engine.versions.flush()  # last_seen is written in batches
+        self.store.close()
+
+    async def serve(self) -> None:
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, self.stop)
+        loop.add_signal_handler(signal.SIGINT, self.stop)
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
+        self.dispatcher.start()
+        # The HTTP API, /metrics and the Alertmanager webhook, on [server].listen.
+        self.api = await start_api(self)
+        # Before anything is scheduled: rollbacks a crash left running are verified or
+        # marked interrupted, never re-run.
+        await self.pipeline.recover()
+        await self.pipeline.expire_pending()
+        self.scheduler.start()
+        # Expired and superseded approvals, and triggers that still fire after a refusal
+        # that may lapse (cooldown over, resumed, thawed, mode changed): decided again.
+        self.scheduler.add_periodic("pipeline:housekeeping", self.pipeline.housekeeping, 5.0)
+        checks = sum(len(s.rules.check) for s in self.loaded.services.values())
+        log.info(
+            "rollbackd started",
+            services=len(self.loaded.services),
+            checks=checks,
+            listen=self.loaded.config.server.listen,
+            mode=self.loaded.config.daemon.mode.value,
+        )
+        self.systemd.ready(self.status_line())
+        watchdog = asyncio.ensure_future(self._watchdog())
+        try:
+            await self._stop.wait()
+        finally:
+            watchdog.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watchdog
+            await self._shutdown()
+
+
+def run(config_path: Path) -> int:
+    try:
+        loaded = load(config_path)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(problem)
+        return 1
+    configure(loaded.config.daemon.log_format, loaded.config.daemon.log_level)
+    try:
+        daemon = Daemon(config_path)
+    except (StoreError, OSError) as exc:
+        # Without its state the daemon could neither keep its promises (one rollback per
+        # release, cooldowns) nor a record: it refuses to start, and says why.
+        log.critical("cannot open the state store: not starting", error=str(exc))
+        print(f"rollbackd: cannot open the state store: {exc}", file=sys.stderr)
+        return 1
+    try:
+        asyncio.run(daemon.serve())
+    except ApiStartError as exc:
+        log.critical("cannot serve the API: not starting", error=str(exc))
+        print(f"rollbackd: {exc}", file=sys.stderr)
+        return 1
+    return 0
