@@ -1,56 +1,20 @@
-"""The one place that talks to Prometheus: instant and range queries over its HTTP API,
-with explicit timeouts, bounded retries of transient failures, and typed answers.
-
-It wraps prometheus-api-client's ``PrometheusConnect`` (0.7.2), whose defaults do not
-suit a daemon, so each is set here:
-
-* ``timeout`` defaults to none at all: a hung Prometheus would hang the check forever.
-  Every request here carries a timeout (``prometheus.timeout``, cut to what is left of the
-  call's deadline), and Prometheus' own ``timeout`` parameter so that it cancels a slow
-  query itself.
-* Its urllib3 ``Retry`` (3 retries, 0/2/4 s backoff on 408/429/5xx and connection errors)
-  adds ~6 s before a ``RetryError`` or a ``ConnectionError``, and a read timeout comes out
-  as a ``ConnectionError`` rather than a ``Timeout``. It is turned off
-  (``Retry(total=0, read=False, ...)``, as plain requests does); retries are done here,
-  with tenacity, inside the caller's deadline, and only for transient failures.
-* ``custom_query`` returns only ``data.result``: the result type is told by the shape of
-  the answer; warnings and the status and ``errorType`` of a failed request are read from
-  the response, which a session hook keeps.
-* One ``requests.Session`` per ``PrometheusConnect``, and a session is not thread-safe:
-  each thread gets its own connection.
-
-Exceptions::
-
-    PrometheusError
-    ├── QueryError              Prometheus rejected the query (400 bad_data, 422
-    │                           execution, other 4xx such as 401/403/404), or the
-    │                           answer is of a kind checks cannot use. A configuration
-    │                           error: never retried.
-    └── PrometheusUnavailable   No usable answer: connection refused or reset, timeout,
-                                5xx (503 while Prometheus starts), 429, a body that is
-                                not the expected JSON. Raised once retries within the
-                                deadline are exhausted; ``reason`` is a metric label.
-
-Messages never contain the bearer token or the basic-auth password.
-"""
+"""The Prometheus client: requests with timeouts, retries of transient failures only,
+and failures mapped to the errors of ``errors.py``, with secrets scrubbed from them."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
-import http.client
 import logging
 import threading
 import time
 import weakref
 from collections.abc import Callable
 from datetime import UTC, datetime
-from enum import StrEnum
 from typing import Any, TypeVar
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 import requests
-import urllib3.exceptions
 from prometheus_api_client.exceptions import PrometheusApiClientException
 from prometheus_api_client.prometheus_connect import PrometheusConnect
 from tenacity import (
@@ -64,17 +28,16 @@ from urllib3.util import Retry
 
 from rollbackd.config.secrets import read_secret
 from rollbackd.config.settings import PrometheusSection
-from rollbackd.core.samples import QueryResult, RangeResult, ResultType, Sample, Series, labels_of
+from rollbackd.core.samples import QueryResult, RangeResult
+from rollbackd.prometheus.answers import clip, error_fields, instant_result, range_series, snippet
+from rollbackd.prometheus.errors import (
+    PrometheusUnavailable,
+    QueryError,
+    UnavailableReason,
+)
+from rollbackd.prometheus.failures import cause_text, is_timeout
 
-__all__ = [
-    "PrometheusClient",
-    "PrometheusError",
-    "PrometheusUnavailable",
-    "QueryError",
-    "UnavailableReason",
-]
-
-_LOG = logging.getLogger(__name__)
+_LOG = logging.getLogger("rollbackd.prometheus")
 
 _T = TypeVar("_T")
 
@@ -108,83 +71,6 @@ _NO_RETRY = Retry(
 # 0.1 s doubling up to 2 s, plus up to 0.2 s of jitter (the default jitter of 1 s would
 # dwarf the first waits).
 _BACKOFF = wait_exponential_jitter(multiplier=0.1, max=2, jitter=0.2)
-
-
-# --- exceptions -------------------------------------------------------------------------
-
-
-class UnavailableReason(StrEnum):
-    """Why Prometheus gave no usable answer; a low-cardinality metric label."""
-
-    CONNECT = "connect"
-    """Connection refused, reset or closed without an answer; TLS failures."""
-    TIMEOUT = "timeout"
-    """No answer within the timeout, 408, or Prometheus' own query timeout (503 timeout)."""
-    HTTP_5XX = "http_5xx"
-    """A 5xx status, e.g. 503 "Service Unavailable" while Prometheus replays its WAL."""
-    THROTTLED = "throttled"
-    """429 Too Many Requests (from a proxy or a Prometheus-compatible backend)."""
-    BAD_RESPONSE = "bad_response"
-    """An answer that is not the expected JSON."""
-
-
-class PrometheusError(Exception):
-    """Base of every error this module raises."""
-
-    def __init__(self, message: str, *, expr: str | None = None) -> None:
-        super().__init__(message)
-        self.message = message
-        self.expr = expr
-        """The query, when the error is about one."""
-
-    def __str__(self) -> str:
-        return self.message
-
-
-class QueryError(PrometheusError):
-    """Prometheus rejected the query, or the configuration is wrong. Never retried."""
-
-    def __init__(
-        self,
-        message: str,
-        *,
-        status: int | None,
-        error_type: str,
-        expr: str | None = None,
-    ) -> None:
-        super().__init__(message, expr=expr)
-        self.status = status
-        """The HTTP status (400, 422, 401, ...), or None when no request was answered."""
-        self.error_type = error_type
-        """Prometheus' ``errorType`` (``bad_data``, ``execution``), else a word of ours
-        (``http_401``, ``unsupported_result``, ``config``)."""
-
-
-class PrometheusUnavailable(PrometheusError):
-    """No usable answer within the deadline. ``reason`` is a metric label."""
-
-    def __init__(
-        self,
-        message: str,
-        *,
-        reason: UnavailableReason,
-        status: int | None = None,
-        expr: str | None = None,
-    ) -> None:
-        super().__init__(message, expr=expr)
-        self.reason = reason
-        self.status = status
-        """The HTTP status of the last attempt, if it got one."""
-        self.attempts = 1
-        """How many requests were made before giving up."""
-
-    def __str__(self) -> str:
-        if self.attempts > 1:
-            return f"{self.message} (gave up after {self.attempts} attempts)"
-        return self.message
-
-
-# --- the client -------------------------------------------------------------------------
 
 
 class _Connection:
@@ -299,7 +185,7 @@ class PrometheusClient:
                     timeout=timeout,  # type: ignore[arg-type]  # annotated int, a float works
                 ),
             )
-            return self._instant_result(connection, expr, data)
+            return instant_result(expr, data, connection.last_response, self._bad_shape)
 
         return self._with_retries(attempt, expr, deadline)
 
@@ -336,7 +222,7 @@ class PrometheusClient:
                     timeout=timeout,  # type: ignore[arg-type]
                 ),
             )
-            return RangeResult(expr=expr, series=self._range_series(expr, data))
+            return RangeResult(expr=expr, series=range_series(expr, data, self._bad_shape))
 
         return self._with_retries(attempt, expr, deadline)
 
@@ -432,7 +318,7 @@ class PrometheusClient:
         except requests.exceptions.JSONDecodeError as exc:  # before RequestException
             raise self._unavailable(
                 UnavailableReason.BAD_RESPONSE,
-                "answered 200 with a body that is not JSON: " + _snippet(connection.last_response),
+                "answered 200 with a body that is not JSON: " + snippet(connection.last_response),
                 expr,
                 status=200,
             ) from exc
@@ -454,7 +340,7 @@ class PrometheusClient:
             # The body was JSON, but not {"data": {"result": ...}}.
             raise self._unavailable(
                 UnavailableReason.BAD_RESPONSE,
-                f"answered JSON without data.result: {_snippet(connection.last_response)}",
+                f"answered JSON without data.result: {snippet(connection.last_response)}",
                 expr,
                 status=200,
             ) from exc
@@ -467,8 +353,8 @@ class PrometheusClient:
                 UnavailableReason.BAD_RESPONSE, "answered an error status", expr
             )
         status = response.status_code
-        error_type, error = _error_fields(response)
-        detail = error if error is not None else _snippet(response)
+        error_type, error = error_fields(response)
+        detail = error if error is not None else snippet(response)
         if status in (400, 422):
             error_type = error_type or f"http_{status}"
             return QueryError(
@@ -507,23 +393,23 @@ class PrometheusClient:
     def _transport_error(
         self, exc: requests.RequestException, expr: str, timeout: float
     ) -> PrometheusUnavailable:
-        if _is_timeout(exc):
+        if is_timeout(exc):
             return self._unavailable(
                 UnavailableReason.TIMEOUT, f"no answer within {timeout:.3g}s", expr
             )
         if isinstance(exc, requests.exceptions.SSLError):
             return self._unavailable(
-                UnavailableReason.CONNECT, f"TLS failed: {_cause_text(exc)}", expr
+                UnavailableReason.CONNECT, f"TLS failed: {cause_text(exc)}", expr
             )
         if isinstance(exc, requests.exceptions.ContentDecodingError):
             return self._unavailable(
-                UnavailableReason.BAD_RESPONSE, f"undecodable body: {_cause_text(exc)}", expr
+                UnavailableReason.BAD_RESPONSE, f"undecodable body: {cause_text(exc)}", expr
             )
         if isinstance(exc, requests.exceptions.TooManyRedirects):
             return self._unavailable(UnavailableReason.BAD_RESPONSE, "too many redirects", expr)
         # ConnectionError, ChunkedEncodingError (connection lost mid-body), and the rest.
         return self._unavailable(
-            UnavailableReason.CONNECT, f"cannot connect: {_cause_text(exc)}", expr
+            UnavailableReason.CONNECT, f"cannot connect: {cause_text(exc)}", expr
         )
 
     def _unavailable(
@@ -546,103 +432,10 @@ class PrometheusClient:
             text = text.replace(secret, "<redacted>")
         return text
 
-    # --- answers ------------------------------------------------------------------------
-
     def _bad_shape(self, expr: str, what: str, data: Any) -> PrometheusUnavailable:
         return self._unavailable(
-            UnavailableReason.BAD_RESPONSE, f"{what}: {_clip(repr(data))}", expr, status=200
+            UnavailableReason.BAD_RESPONSE, f"{what}: {clip(repr(data))}", expr, status=200
         )
-
-    def _instant_result(self, connection: _Connection, expr: str, data: Any) -> QueryResult:
-        warnings = _warnings(connection.last_response)
-        if not isinstance(data, list):
-            raise self._bad_shape(expr, "data.result is not a list", data)
-        if not data and _result_type(connection.last_response) == "matrix":
-            # Refused when empty too, not only once the series exist.
-            raise _range_vector_error(expr)
-        if len(data) == 2 and not isinstance(data[0], dict):
-            # A scalar [ts, "v"] (or a string [ts, "text"], which checks cannot use).
-            point = _point(data)
-            if point is None:
-                if _result_type(connection.last_response) == "string":
-                    raise QueryError(
-                        f"the query gives a string, not a number: {_clip(repr(data))}",
-                        status=200,
-                        error_type="unsupported_result",
-                        expr=expr,
-                    )
-                raise self._bad_shape(expr, "malformed scalar", data)
-            ts, value = point
-            return QueryResult(
-                expr=expr,
-                result_type=ResultType.SCALAR,
-                samples=(Sample(labels=(), value=value, timestamp=ts),),
-                warnings=warnings,
-            )
-        samples = []
-        for item in data:
-            if not isinstance(item, dict):
-                raise self._bad_shape(expr, "malformed vector", data)
-            if "values" in item or "histograms" in item:
-                raise _range_vector_error(expr)
-            if "histogram" in item:
-                raise QueryError(
-                    "the query gives native histogram samples; use histogram_quantile() "
-                    "or histogram_count()/histogram_sum()",
-                    status=200,
-                    error_type="unsupported_result",
-                    expr=expr,
-                )
-            labels = _labels(item.get("metric"))
-            point = _point(item.get("value"))
-            if labels is None or point is None:
-                raise self._bad_shape(expr, "malformed vector sample", item)
-            ts, value = point
-            samples.append(Sample(labels=labels, value=value, timestamp=ts))
-        return QueryResult(
-            expr=expr, result_type=ResultType.VECTOR, samples=tuple(samples), warnings=warnings
-        )
-
-    def _range_series(self, expr: str, data: Any) -> tuple[Series, ...]:
-        if not isinstance(data, list):
-            raise self._bad_shape(expr, "data.result is not a list", data)
-        series = []
-        for item in data:
-            if not isinstance(item, dict):
-                raise self._bad_shape(expr, "malformed matrix", data)
-            if "histograms" in item and "values" not in item:
-                raise QueryError(
-                    "the query gives native histogram samples; use histogram_quantile() "
-                    "or histogram_count()/histogram_sum()",
-                    status=200,
-                    error_type="unsupported_result",
-                    expr=expr,
-                )
-            labels = _labels(item.get("metric"))
-            values = item.get("values")
-            if labels is None or not isinstance(values, list):
-                raise self._bad_shape(expr, "malformed matrix series", item)
-            points = []
-            for raw in values:
-                point = _point(raw)
-                if point is None:
-                    raise self._bad_shape(expr, "malformed matrix point", raw)
-                points.append(point)
-            series.append(Series(labels=labels, samples=tuple(points)))
-        return tuple(series)
-
-
-# --- helpers ----------------------------------------------------------------------------
-
-
-def _range_vector_error(expr: str) -> QueryError:
-    return QueryError(
-        "the query gives a range vector (matrix); an instant query needs an instant vector: "
-        "wrap it in rate(), avg_over_time(), ...",
-        status=200,
-        error_type="unsupported_result",
-        expr=expr,
-    )
 
 
 def _server_timeout(timeout: float) -> str:
@@ -652,108 +445,6 @@ def _server_timeout(timeout: float) -> str:
 def _seconds(value: float) -> str:
     """Seconds as Prometheus reads them (a float; its timestamps have ms resolution)."""
     return f"{value:.3f}"
-
-
-def _point(raw: Any) -> tuple[float, float] | None:
-    """``[ts, "value"]`` -> ``(ts, value)``; "NaN", "+Inf", "-Inf" become floats."""
-    if not isinstance(raw, list) or len(raw) != 2:
-        return None
-    ts, text = raw
-    if isinstance(ts, bool) or not isinstance(ts, int | float) or not isinstance(text, str):
-        return None
-    try:
-        return float(ts), float(text)
-    except ValueError:
-        return None
-
-
-def _labels(raw: Any) -> tuple[tuple[str, str], ...] | None:
-    if raw is None:
-        return ()
-    if not isinstance(raw, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in raw.items()
-    ):
-        return None
-    return labels_of(raw)
-
-
-def _envelope(response: requests.Response | None) -> dict[str, Any]:
-    if response is None:
-        return {}
-    try:
-        body = response.json()
-    except ValueError:
-        return {}
-    return body if isinstance(body, dict) else {}
-
-
-def _error_fields(response: requests.Response) -> tuple[str, str | None]:
-    """Prometheus' ``errorType`` and ``error`` from an error body ("" and None if absent)."""
-    body = _envelope(response)
-    error = body.get("error")
-    return str(body.get("errorType") or ""), (_clip(str(error)) if error is not None else None)
-
-
-def _result_type(response: requests.Response | None) -> str | None:
-    data = _envelope(response).get("data")
-    return str(data.get("resultType")) if isinstance(data, dict) else None
-
-
-def _warnings(response: requests.Response | None) -> tuple[str, ...]:
-    if response is None or b'"warnings"' not in response.content:
-        return ()
-    warnings = _envelope(response).get("warnings")
-    return tuple(str(w) for w in warnings) if isinstance(warnings, list) else ()
-
-
-def _clip(text: str) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= _SNIPPET else text[: _SNIPPET - 3] + "..."
-
-
-def _snippet(response: requests.Response | None) -> str:
-    if response is None:
-        return "(no body)"
-    text = response.content[: _SNIPPET * 4].decode("utf-8", errors="replace")
-    return _clip(text) if text.strip() else "(empty body)"
-
-
-def _chain(exc: BaseException) -> list[BaseException]:
-    """The exception and what it wraps (causes, contexts, urllib3 reasons, args)."""
-    seen: list[BaseException] = []
-    todo: list[BaseException] = [exc]
-    while todo:
-        current = todo.pop(0)
-        if any(current is s for s in seen):
-            continue
-        seen.append(current)
-        nested = [getattr(current, "reason", None), current.__cause__, current.__context__]
-        nested.extend(current.args)
-        todo.extend(n for n in nested if isinstance(n, BaseException))
-    return seen
-
-
-def _is_timeout(exc: BaseException) -> bool:
-    for link in _chain(exc):
-        if isinstance(link, urllib3.exceptions.NewConnectionError):
-            continue  # a subclass of ConnectTimeoutError, for history's sake
-        if isinstance(
-            link,
-            requests.exceptions.Timeout | urllib3.exceptions.TimeoutError | TimeoutError,
-        ):
-            return True
-    return False
-
-
-def _cause_text(exc: BaseException) -> str:
-    """The innermost cause in words, without URLs: "Connection refused",
-    "Remote end closed connection without response"."""
-    for link in reversed(_chain(exc)):
-        if isinstance(link, OSError) and link.strerror:
-            return link.strerror
-        if isinstance(link, http.client.HTTPException) and str(link):
-            return str(link)
-    return type(exc).__name__
 
 
 def _basic_credentials(username: str, password: str) -> str:
