@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
-from rollbackd.api.app import PUBLIC_PATHS
+from rollbackd.api.gate import PUBLIC_PATHS
 from rollbackd.api.models import HistoryQuery
 from rollbackd.core.model import RollbackState
 from rollbackd.runtime.pipeline import Submission

@@ -31,8 +31,10 @@ from rollbackd.config.loader import load
 from rollbackd.config.settings import AlertmanagerSection, Config
 from rollbackd.core.samples import Verdict
 from rollbackd.prometheus import PrometheusClient
+from rollbackd.runtime.control import Control
 from rollbackd.runtime.engine import Engine
 from rollbackd.runtime.pipeline import Pipeline
+from rollbackd.runtime.runner import Runner
 from rollbackd.store.sqlite import Store
 from support.alertmanager import AlertmanagerServer, alertmanager_available
 from support.configs import write_config
@@ -75,10 +77,10 @@ class Shop:
             self.loaded, PrometheusClient(self.loaded.config.prometheus), self.store
         )
         self.pipeline = Pipeline(self.engine)
-        self.engine.on_fire = self.pipeline.on_fire
+        self.runner = Runner(self.engine, self.pipeline.on_fire)
         self.now = time.time()
         self.app = create_app(
-            pipeline=self.pipeline,
+            control=Control(self.pipeline),
             registry=CollectorRegistry(),
             token=TOKEN,
             max_body=65536,

@@ -5,7 +5,7 @@ and ``rollbackd status`` says why; a version judged healthy does."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -17,7 +17,7 @@ from prometheus_client import CollectorRegistry
 from rollbackd.api.app import create_app
 from rollbackd.checks.base import Action
 from rollbackd.checks.judge import Measurement
-from rollbackd.cli.main import _print_status
+from rollbackd.cli.operator_commands import _print_status
 from rollbackd.core.samples import Labels, Verdict
 from rollbackd.prometheus import PrometheusClient
 from rollbackd.runtime.bake_evidence import (
@@ -39,8 +39,10 @@ from rollbackd.runtime.bake_evidence import (
     requirement,
     within,
 )
+from rollbackd.runtime.control import Control
 from rollbackd.runtime.engine import Engine
 from rollbackd.runtime.pipeline import Pipeline
+from rollbackd.runtime.runner import Runner
 from rollbackd.runtime.versions import VersionTracker
 from rollbackd.store.sqlite import Store
 from support import dataset
@@ -410,15 +412,17 @@ def test_what_status_says(overrides: dict[str, Any], state: BakeState, summary: 
 
 
 @pytest.fixture
-def tracker(tmp_path: Path) -> Iterator[VersionTracker]:
+async def tracker(tmp_path: Path) -> AsyncIterator[VersionTracker]:
     store = Store(tmp_path / "versions.db")
     tracker = VersionTracker(store)
-    tracker.record_release("svc", "1.0", 0.0)
+    await tracker.record_release("svc", "1.0", 0.0)
     yield tracker
     store.close()
 
 
-def test_the_clock_asks_the_evidence_only_once_bake_time_has_run(tracker: VersionTracker) -> None:
+async def test_the_clock_asks_the_evidence_only_once_bake_time_has_run(
+    tracker: VersionTracker,
+) -> None:
     asked: list[tuple[str, float]] = []
 
     def judged(version: str, since: float) -> Judgement:
@@ -426,14 +430,14 @@ def test_the_clock_asks_the_evidence_only_once_bake_time_has_run(tracker: Versio
         return Judgement.ENOUGH
 
     bake = timedelta(seconds=60)
-    assert tracker.update_bake("svc", 0.0, True, bake, evidence=judged) is None
-    assert tracker.update_bake("svc", 30.0, True, bake, evidence=judged) is None
+    assert await tracker.update_bake("svc", 0.0, True, bake, evidence=judged) is None
+    assert await tracker.update_bake("svc", 30.0, True, bake, evidence=judged) is None
     assert asked == []
-    assert tracker.update_bake("svc", 60.0, True, bake, evidence=judged) == "1.0"
+    assert await tracker.update_bake("svc", 60.0, True, bake, evidence=judged) == "1.0"
     assert asked == [("1.0", 0.0)]
 
 
-def test_not_yet_waits_and_not_enough_starts_a_new_period(tracker: VersionTracker) -> None:
+async def test_not_yet_waits_and_not_enough_starts_a_new_period(tracker: VersionTracker) -> None:
     answers = iter([Judgement.NOT_YET, Judgement.NOT_ENOUGH, Judgement.ENOUGH])
     asked: list[float] = []
 
@@ -444,7 +448,7 @@ def test_not_yet_waits_and_not_enough_starts_a_new_period(tracker: VersionTracke
     bake = timedelta(seconds=60)
     store = tracker._store
     readings = [0.0, 61.0, 70.0, 100.0, 130.0]
-    results = [tracker.update_bake("svc", t, True, bake, evidence=judged) for t in readings]
+    results = [await tracker.update_bake("svc", t, True, bake, evidence=judged) for t in readings]
     # 61: not yet (the period goes on); 70: not enough (a new period from 70); 100: too
     # early in the new period to ask; 130: enough.
     assert results == [None, None, None, None, "1.0"]
@@ -498,11 +502,11 @@ class Watcher:
             self.loaded, PrometheusClient(self.loaded.config.prometheus), self.store
         )
         self.pipeline = Pipeline(self.engine)
-        self.engine.on_fire = self.pipeline.on_fire
+        self.runner = Runner(self.engine, self.pipeline.on_fire)
         self.now = 0.0
         """The API's clock: the time of the simulated round."""
         self.app = create_app(
-            pipeline=self.pipeline,
+            control=Control(self.pipeline),
             registry=CollectorRegistry(),
             token=TOKEN,
             max_body=65536,
@@ -511,7 +515,7 @@ class Watcher:
 
     async def tick(self, at: float) -> None:
         self.now = at
-        await self.engine.tick(at)
+        await self.runner.tick(at)
 
     async def status(self) -> dict[str, Any]:
         async with httpx.AsyncClient(
@@ -636,7 +640,7 @@ async def test_a_version_whose_prometheus_is_unreachable_never_bakes(
         watchers.append(watcher)
         engine = watcher.engine
         shop = watcher.loaded.services["shop"]
-        engine.versions.record_release("shop", "1.0.0", start)
+        await engine.versions.record_release("shop", "1.0.0", start)
         for at in (0, 20, 40, 60):
             await engine.run_check(shop, shop.rules.check[0], start + at)
             assert await engine.bake(shop, start + at) is None

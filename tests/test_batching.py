@@ -17,6 +17,7 @@ from rollbackd.checks import batching
 from rollbackd.core.samples import Verdict
 from rollbackd.prometheus import PrometheusClient, QueryError
 from rollbackd.runtime.engine import CheckEvaluation, Engine
+from rollbackd.runtime.runner import Runner
 from rollbackd.runtime.scheduler import Scheduler
 from rollbackd.store.sqlite import Store
 from support import dataset
@@ -363,7 +364,7 @@ interval = "1s"
         },
     )
     engine = Engine(loaded, PrometheusClient(loaded.config.prometheus), Store(tmp_path / "s.db"))
-    scheduler = Scheduler(engine, rng=random.Random(3))
+    scheduler = Scheduler(Runner(engine), rng=random.Random(3))
     scheduler.start()
     try:
         [batch_id] = engine.plan.batches

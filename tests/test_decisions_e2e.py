@@ -25,6 +25,7 @@ from rollbackd.core.model import RollbackState
 from rollbackd.prometheus import PrometheusClient
 from rollbackd.runtime.engine import Engine
 from rollbackd.runtime.pipeline import Pipeline
+from rollbackd.runtime.runner import Runner
 from rollbackd.runtime.verify import Verifier
 from rollbackd.store.errors import ConflictError
 from rollbackd.store.sqlite import Store
@@ -116,7 +117,7 @@ class Story:
         self.engine = Engine(loaded, PrometheusClient(loaded.config.prometheus), self.store)
         verifier = Verifier(self.engine, clock=self.clock, sleep=self.sleep)
         self.pipeline = Pipeline(self.engine, clock=self.clock, verifier=verifier)
-        self.engine.on_fire = self.pipeline.on_fire
+        self.runner = Runner(self.engine, self.pipeline.on_fire)
 
     def reload(self) -> None:
         self.engine.replace_config(load(self.config))
@@ -135,7 +136,7 @@ class Story:
 
     async def run_until(self, end: int, step: int = 15) -> None:
         while self.clock() < end:
-            await self.engine.tick(self.now)
+            await self.runner.tick(self.now)
             await self.pipeline.housekeeping()
             await self.pipeline.wait_idle()
             self.now += step

@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -22,6 +24,7 @@ from rollbackd.config.loader import load
 from rollbackd.core.model import RollbackState
 from rollbackd.prometheus import PrometheusClient
 from rollbackd.runtime.alert_intake import AlertReceiver, Delivery, IncomingAlert
+from rollbackd.runtime.control import Control
 from rollbackd.runtime.engine import Engine
 from rollbackd.runtime.pipeline import Pipeline
 from rollbackd.runtime.verify import Verifier
@@ -59,7 +62,7 @@ class World:
         self.now = 1_000_000.0
         verifier = Verifier(self.engine, clock=lambda: self.now, sleep=self._sleep)
         self.pipeline = Pipeline(self.engine, clock=lambda: self.now, verifier=verifier)
-        self.receiver = AlertReceiver(self.pipeline, clock=lambda: self.now)
+        self.receiver = AlertReceiver(Control(self.pipeline), clock=lambda: self.now)
         self.alerts = 0
 
     async def _sleep(self, seconds: float) -> None:
@@ -71,9 +74,9 @@ class World:
         """What SIGHUP does to the engine's config."""
         self.engine.replace_config(load(self.config))
 
-    def release(self, version: str, *, good: bool = False) -> None:
+    async def release(self, version: str, *, good: bool = False) -> None:
         self.now += 10
-        self.engine.versions.record_release("api", version, self.now)
+        await self.engine.versions.record_release("api", version, self.now)
         if good:
             assert self.store.mark_baked("api", version, self.now)
 
@@ -140,11 +143,11 @@ async def test_a_cooldown_refusal_is_decided_again_once_the_cooldown_ends(
     world: type[World],
 ) -> None:
     w = world(guards='cooldown = "10m"')
-    w.release("1.0.0", good=True)
-    w.release("2.0.0")
+    await w.release("1.0.0", good=True)
+    await w.release("2.0.0")
     assert (await w.alert()).startswith("executing")
     await w.pipeline.wait_idle()
-    w.release("3.0.0")
+    await w.release("3.0.0")
     assert (await w.alert()).startswith("refused: the last automatic rollback started")
     for _ in range(10):  # still within the cooldown: nothing new, nothing announced
         await w.reconsider(30)
@@ -163,8 +166,8 @@ async def test_a_cooldown_refusal_is_decided_again_once_the_cooldown_ends(
 
 async def test_a_refusal_while_paused_is_decided_again_after_resume(world: type[World]) -> None:
     w = world()
-    w.release("1.0.0", good=True)
-    w.release("2.0.0")
+    await w.release("1.0.0", good=True)
+    await w.release("2.0.0")
     w.store.set_pause("api", True, w.now)
     assert (await w.alert()).startswith("refused: automatic rollbacks are paused")
     await w.reconsider()
@@ -176,8 +179,8 @@ async def test_a_refusal_while_paused_is_decided_again_after_resume(world: type[
 
 async def test_a_refusal_while_frozen_is_decided_again_after_a_thaw(world: type[World]) -> None:
     w = world()
-    w.release("1.0.0", good=True)
-    w.release("2.0.0")
+    await w.release("1.0.0", good=True)
+    await w.release("2.0.0")
     w.store.set_frozen("api", True, "a person froze it")
     assert (await w.alert()).startswith("refused: the service is frozen")
     await w.reconsider()
@@ -189,8 +192,8 @@ async def test_a_refusal_while_frozen_is_decided_again_after_a_thaw(world: type[
 
 async def test_a_resolved_alert_is_not_decided_again(world: type[World]) -> None:
     w = world()
-    w.release("1.0.0", good=True)
-    w.release("2.0.0")
+    await w.release("1.0.0", good=True)
+    await w.release("2.0.0")
     w.store.set_pause("api", True, w.now)
     fingerprint = "00000000000000aa"
     await w.alert(fingerprint=fingerprint, started=w.now)
@@ -204,8 +207,8 @@ async def test_dry_run_then_auto_by_reload_rolls_the_live_bad_release_back(
     world: type[World],
 ) -> None:
     w = world(mode="dry-run")
-    w.release("1.0.0", good=True)
-    w.release("2.0.0")
+    await w.release("1.0.0", good=True)
+    await w.release("2.0.0")
     assert (await w.alert()).startswith("dry_run")
     await w.reconsider()
     assert w.runs() == []
@@ -219,8 +222,8 @@ async def test_dry_run_then_auto_by_reload_rolls_the_live_bad_release_back(
 
 async def test_an_expired_approval_is_asked_again_a_rejection_never(world: type[World]) -> None:
     w = world(mode="approve")
-    w.release("1.0.0", good=True)
-    w.release("2.0.0")
+    await w.release("1.0.0", good=True)
+    await w.release("2.0.0")
     assert (await w.alert()).startswith("pending_approval")
     w.now += 31 * 60  # past approval_timeout (30m): nobody decided
     [expired] = await w.pipeline.expire_pending()
@@ -239,12 +242,12 @@ async def test_a_pending_approval_whose_release_was_replaced_is_superseded_never
     world: type[World],
 ) -> None:
     w = world(mode="approve")
-    w.release("1.0.0", good=True)
-    w.release("2.0.0")
+    await w.release("1.0.0", good=True)
+    await w.release("2.0.0")
     await w.alert()
     [pending] = w.store.rollbacks(service="api", limit=1)
     assert pending.state is RollbackState.PENDING
-    w.release("5.0.0")  # v5 replaced v2 before anyone approved
+    await w.release("5.0.0")  # v5 replaced v2 before anyone approved
     with pytest.raises(ConflictError, match="superseded"):
         await w.pipeline.approve(pending.id, "alice")
     await w.pipeline.wait_idle()
@@ -260,10 +263,10 @@ async def test_the_sweep_supersedes_a_pending_approval_whose_release_was_replace
     world: type[World],
 ) -> None:
     w = world(mode="approve")
-    w.release("1.0.0", good=True)
-    w.release("2.0.0")
+    await w.release("1.0.0", good=True)
+    await w.release("2.0.0")
     await w.alert()
-    w.release("2.0.0-hotfix")
+    await w.release("2.0.0-hotfix")
     [superseded] = await w.pipeline.expire_pending()
     assert superseded.state is RollbackState.EXPIRED
     assert superseded.outcome.startswith("superseded: 2.0.0-hotfix replaced 2.0.0")
@@ -273,12 +276,12 @@ async def test_a_redeploy_of_the_same_version_supersedes_its_pending_approval(
     world: type[World],
 ) -> None:
     w = world(mode="approve")
-    w.release("1.0.0", good=True)
-    w.release("2.0.0")
+    await w.release("1.0.0", good=True)
+    await w.release("2.0.0")
     await w.alert()
     [pending] = w.store.rollbacks(service="api", limit=1)
-    w.release("1.0.0")
-    w.release("2.0.0")  # deployed again: another release of 2.0.0
+    await w.release("1.0.0")
+    await w.release("2.0.0")  # deployed again: another release of 2.0.0
     with pytest.raises(ConflictError, match="deployed again"):
         await w.pipeline.approve(pending.id, "alice")
     assert w.runs() == []
@@ -288,10 +291,10 @@ async def test_a_breach_older_than_the_release_is_never_decided_again(
     world: type[World],
 ) -> None:
     w = world(guards='cooldown = "1m"')
-    w.release("1.0.0", good=True)
+    await w.release("1.0.0", good=True)
     began = w.now + 1
     w.now += 120
-    w.release("2.0.0")
+    await w.release("2.0.0")
     assert (await w.alert(started=began)).startswith("refused: the breach started")
     for _ in range(5):
         await w.reconsider(60)
@@ -325,12 +328,12 @@ async def test_a_frozen_service_pages_once_however_many_triggers_are_refused(
     world: type[World],
 ) -> None:
     w = world(guards='cooldown = "1ms"\nmax_rollbacks = 1\nwindow = "1h"')
-    w.release("1.0.0", good=True)
-    w.release("2.0.0")
+    await w.release("1.0.0", good=True)
+    await w.release("2.0.0")
     await w.alert()
     await w.pipeline.wait_idle()
     for version in ("3.0.0", "4.0.0", "5.0.0"):
-        w.release(version)
+        await w.release(version)
         await w.alert()
         await w.reconsider()
     assert w.events().count("service.frozen") == 1
@@ -341,8 +344,8 @@ async def test_a_rollback_cut_short_by_a_stop_is_left_for_the_next_start(
     world: type[World],
 ) -> None:
     w = world(executor_args=("--hang",))
-    w.release("1.0.0", good=True)
-    w.release("2.0.0")
+    await w.release("1.0.0", good=True)
+    await w.release("2.0.0")
     await w.alert()
     for _ in range(500):  # poll, bounded: the executor has written its record
         if w.runs():
@@ -361,3 +364,32 @@ async def test_a_rollback_cut_short_by_a_stop_is_left_for_the_next_start(
     [recovered] = await w.pipeline.recover()
     assert recovered.state is RollbackState.INTERRUPTED
     assert len(w.runs()) == 1
+
+
+@pytest.mark.faults
+async def test_a_standing_trigger_decided_again_beside_new_alerts_makes_one_rollback(
+    world: type[World], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The sweep and the webhook decide the same release at once, their writes slowed: one
+    dry run is recorded (the database keys only live and successful rollbacks by release,
+    so only the pipeline's per-service lock keeps this to one)."""
+    w = world(mode="dry-run")
+    await w.release("1.0.0", good=True)
+    await w.release("2.0.0")
+    w.store.set_pause("api", True, w.now)
+    assert (await w.alert()).startswith("refused: automatic rollbacks are paused")
+    w.store.set_pause("api", False, w.now)
+    for name in ("create_rollback", "add_trigger", "add_event"):
+        write = getattr(w.store, name)
+
+        def slowed(*args: Any, _write: Callable[..., Any] = write, **kwargs: Any) -> Any:
+            time.sleep(0.005)
+            return _write(*args, **kwargs)
+
+        monkeypatch.setattr(w.store, name, slowed)
+    w.now += 5
+    # An alert first: its record is written, and while it is, the sweep reads.
+    alerts = [w.alert() for _ in range(10)]
+    await asyncio.gather(alerts[0], w.pipeline.reconsider(w.now), *alerts[1:])
+    await w.pipeline.wait_idle()
+    assert w.rollbacks() == [("2.0.0", "1.0.0", RollbackState.DRY_RUN)]

@@ -35,7 +35,9 @@ from rollbackd.core.model import RollbackState
 from rollbackd.core.samples import QueryResult, ResultType, Sample, labels_of
 from rollbackd.prometheus import PrometheusUnavailable
 from rollbackd.runtime.engine import Engine
+from rollbackd.runtime.guard_facts import release_id
 from rollbackd.runtime.pipeline import Pipeline
+from rollbackd.runtime.runner import Runner
 from rollbackd.runtime.verify import Verifier
 from rollbackd.store.errors import ConflictError
 from rollbackd.store.sqlite import Store
@@ -162,14 +164,14 @@ class Decisions(RuleBasedStateMachine):
         self.engine = Engine(loaded, ScriptedPrometheus(self.model), self.store)  # type: ignore[arg-type]
         verifier = Verifier(self.engine, clock=lambda: self.now, sleep=self._sleep)
         self.pipeline = Pipeline(self.engine, clock=lambda: self.now, verifier=verifier)
-        self.engine.on_fire = self.pipeline.on_fire
+        self.runner = Runner(self.engine, self.pipeline.on_fire)
 
     async def _sleep(self, seconds: float) -> None:
         """The verifier waits between its evaluations; meanwhile the daemon's own jobs go
         on evaluating every check, as its scheduler runs them beside a verification."""
         self.now += seconds
         self.model.ticks.append(Tick(self.now, self.model.version, self.model.health()))
-        await self.engine.tick(self.now)
+        await self.runner.tick(self.now)
 
     def run(self, work: object) -> object:
         return self.loop.run_until_complete(work)  # type: ignore[arg-type]
@@ -228,7 +230,7 @@ class Decisions(RuleBasedStateMachine):
         self.decided = steps > 0
         for _ in range(steps):
             self.model.ticks.append(Tick(self.now, self.model.version, self.model.health()))
-            self.run(self.engine.tick(self.now))
+            self.run(self.runner.tick(self.now))
             self.run(self.pipeline.housekeeping())
             self.run(self.pipeline.wait_idle())
             self.now += STEP
@@ -265,7 +267,7 @@ class Decisions(RuleBasedStateMachine):
         pending = self.store.rollbacks(states=[RollbackState.PENDING], limit=1)
         if pending:
             current = self.engine.versions.current("svc")
-            release = self.pipeline._release_id("svc", current)
+            release = release_id(self.store, "svc", current)
             try:
                 if approve:
                     self.run(self.pipeline.approve(pending[0].id, "alice"))
@@ -369,7 +371,7 @@ class Decisions(RuleBasedStateMachine):
             return
         if self.mode != "auto" or self.paused or state.frozen or self.model.incident:
             return
-        release = self.pipeline._release_id("svc", current)
+        release = release_id(self.store, "svc", current)
         live = self.went_live(release)
         recent = [t for t in self.model.ticks if t.at >= live]
         # Bad, judged, for long enough after the release to fire and be decided — in a run

@@ -14,6 +14,7 @@ from rollbackd.core.check_state import Phase
 from rollbackd.core.samples import Verdict
 from rollbackd.prometheus import PrometheusClient
 from rollbackd.runtime.engine import Engine, Firing
+from rollbackd.runtime.runner import Runner
 from rollbackd.store.sqlite import Store
 from support import dataset
 from support.configs import load_config, service
@@ -214,9 +215,9 @@ async def test_version_scoped_judging_sees_what_the_whole_service_ratio_hides(
         fired.append(firing)
         return True
 
-    scoped.on_fire = on_fire
+    runner = Runner(scoped, on_fire)
     for at in (dataset.EVAL_TIME, dataset.EVAL_TIME + 15):
-        [s] = await scoped.tick(at)
+        [s] = await runner.tick(at)
         [w] = await whole.tick(at)
         assert scoped.versions.current("payments") == dataset.PAYMENTS_CANARY
         assert s.measurements[0].labels == (("version", dataset.PAYMENTS_CANARY),)
@@ -276,8 +277,8 @@ async def test_relative_check_against_last_known_good_measured_before_the_releas
     # Baked by the clock alone (no check evidence, so no baseline recorded at the bake):
     # the baseline is then measured.
     hour = timedelta(hours=1)
-    assert engine.versions.update_bake("checkout", v1_time, True, hour) is None
-    baked = engine.versions.update_bake("checkout", v1_time + 3600, True, hour)
+    assert await engine.versions.update_bake("checkout", v1_time, True, hour) is None
+    baked = await engine.versions.update_bake("checkout", v1_time + 3600, True, hour)
     assert baked == dataset.CHECKOUT_V1
     # The daemon reads the version every tick, so it sees the release right after it.
     await engine.observe_service(checkout, dataset.CHECKOUT_DEPLOY_TIME + 15)

@@ -22,6 +22,7 @@ from rollbackd.core.samples import Verdict
 from rollbackd.prometheus import PrometheusClient
 from rollbackd.runtime.engine import Engine
 from rollbackd.runtime.pipeline import Pipeline
+from rollbackd.runtime.runner import Runner
 from rollbackd.runtime.verify import Verifier
 from rollbackd.store.sqlite import Store
 from support.configs import load_config
@@ -63,17 +64,17 @@ async def test_a_thousand_failed_polls_leak_nothing_and_never_fire(tmp_path: Pat
         store = Store(tmp_path / "state.db")
         engine = Engine(loaded, PrometheusClient(loaded.config.prometheus), store)
         pipeline = Pipeline(engine)
-        engine.on_fire = pipeline.on_fire
+        runner = Runner(engine, pipeline.on_fire)
         service = loaded.services["svc"]
         check_spec = service.rules.check[0]
         for i in range(50):  # warm up pools, caches and lazy imports
-            await engine.run_check(service, check_spec, 1000.0 + i)
+            await runner.run_check(service, check_spec, 1000.0 + i)
         threads = other_threads()
         gc.collect()  # failed requests leave exception/traceback cycles for the collector
         tracemalloc.start()
         before = tracemalloc.take_snapshot()
         for i in range(1000):
-            evaluation = await engine.run_check(service, check_spec, 2000.0 + i)
+            evaluation = await runner.run_check(service, check_spec, 2000.0 + i)
             assert evaluation.verdict is Verdict.ERROR
         gc.collect()
         after = tracemalloc.take_snapshot()
@@ -163,17 +164,17 @@ async def test_flapping_for_ten_minutes_rolls_back_at_most_once(tmp_path: Path) 
         # The verifier judges the same backfilled past as the checks, in simulated time.
         verifier = Verifier(engine, clock=lambda: now[0], sleep=advance)
         pipeline = Pipeline(engine, clock=lambda: now[0], verifier=verifier)
-        engine.on_fire = pipeline.on_fire
-        engine.versions.record_release("flappy", "1.0.0", start - 7200)
+        runner = Runner(engine, pipeline.on_fire)
+        await engine.versions.record_release("flappy", "1.0.0", start - 7200)
         store.mark_baked("flappy", "1.0.0", start - 3600)
-        engine.versions.record_release("flappy", "2.0.0", start - 60)
+        await engine.versions.record_release("flappy", "2.0.0", start - 60)
         fired_at: list[float] = []
         for i in range(40):
             at = float(start + 15 * i)
             if at < now[0]:
                 continue  # the verification judged this stretch already
             now[0] = at
-            [evaluation] = await engine.tick(at)
+            [evaluation] = await runner.tick(at)
             if any(c.transition.value == "fired" for c in evaluation.changes):
                 fired_at.append(at)
             await pipeline.wait_idle()

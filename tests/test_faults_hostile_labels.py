@@ -36,9 +36,9 @@ import pytest
 from rollbackd.api.models import VERSION_PATTERN as API_VERSION_PATTERN
 from rollbackd.core.alert_text import REASON_LIMIT
 from rollbackd.core.model import RollbackState, VersionSource
+from rollbackd.core.version_names import VERSION_PATTERN, is_valid_version
 from rollbackd.executors import EXECUTOR_TYPES
 from rollbackd.runtime.pipeline import Trigger
-from rollbackd.runtime.versions import VERSION_PATTERN, is_valid_version
 from support.configs import write_config
 from support.daemon_process import RECORD, DaemonProcess, InProcessDaemon, executions
 from support.fake_service import FakeService

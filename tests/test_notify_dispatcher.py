@@ -80,8 +80,8 @@ class Setup:
         self.dispatchers.append(dispatcher)
         return dispatcher
 
-    def publish(self, kind: str, service: str = "checkout", **data: Any) -> Event:
-        return self.bus.publish(kind, 1_700_000_000.0, service, rollback_id=1, data=data)
+    async def publish(self, kind: str, service: str = "checkout", **data: Any) -> Event:
+        return await self.bus.publish(kind, 1_700_000_000.0, service, rollback_id=1, data=data)
 
     def value(self, name: str, **labels: str) -> float:
         return sample(self.registry, name, **labels)
@@ -136,11 +136,11 @@ async def test_events_go_where_the_globs_and_service_filters_say(
                 ),
             ]
         )
-        setup.publish("rollback.started")
-        setup.publish("verify.failed", reason="still failing")
-        setup.publish("service.frozen", service="payments-api", reason="max rollbacks")
-        setup.publish("rollback.succeeded", service="payments-api")
-        setup.publish("check.breach", check="error_rate")
+        await setup.publish("rollback.started")
+        await setup.publish("verify.failed", reason="still failing")
+        await setup.publish("service.frozen", service="payments-api", reason="max rollbacks")
+        await setup.publish("rollback.succeeded", service="payments-api")
+        await setup.publish("check.breach", check="error_rate")
         await dispatcher.wait_idle()
     assert types(everything) == [
         "rollback.started",
@@ -160,7 +160,7 @@ async def test_pagerduty_only_queues_what_it_pages_or_resolves(
 ) -> None:
     dispatcher = setup.dispatcher([pagerduty_spec(tmp_path, server.url, events=["*"])])
     for kind in ("rollback.started", "rollback.failed", "check.breach", "rollback.succeeded"):
-        setup.publish(kind)
+        await setup.publish(kind)
     await dispatcher.wait_idle()
     actions = [json_body(r)["event_action"] for r in server.requests]
     assert actions == ["trigger", "resolve"]
@@ -176,7 +176,7 @@ async def test_5xx_and_429_are_retried_until_delivered(
     answers = in_turn(Reply(502, b"bad gateway"), Reply(429, b"slow down"), Reply(503), OK)
     with RecordingServer(answers) as server:
         dispatcher = setup.dispatcher([SPECS[kind](tmp_path, server.url)])
-        setup.publish("rollback.failed", outcome="every executor failed")
+        await setup.publish("rollback.failed", outcome="every executor failed")
         await dispatcher.wait_idle()
     assert server.count == 4
     assert len({r.body for r in server.requests}) == 1  # the same notification each time
@@ -193,7 +193,7 @@ async def test_5xx_and_429_are_retried_until_delivered(
 async def test_4xx_is_never_retried(tmp_path: Path, setup: Setup, kind: str, status: int) -> None:
     with RecordingServer(always(Reply(status, b"no"))) as server:
         dispatcher = setup.dispatcher([SPECS[kind](tmp_path, server.url)])
-        setup.publish("rollback.failed")
+        await setup.publish("rollback.failed")
         await dispatcher.wait_idle()
     assert server.count == 1
     name = dispatcher.notifiers[0]
@@ -207,7 +207,7 @@ async def test_a_peer_that_keeps_failing_is_given_up_after_the_attempts(
 ) -> None:
     with RecordingServer(always(Reply(500, b"down"))) as server:
         dispatcher = setup.dispatcher([webhook_spec(tmp_path, server.url)])
-        setup.publish("rollback.failed")
+        await setup.publish("rollback.failed")
         await dispatcher.wait_idle()
     assert server.count == FAST.attempts
     failures = "rollbackd_notification_failures_total"
@@ -220,7 +220,7 @@ async def test_timeouts_are_retried_then_counted_as_failures(tmp_path: Path, set
     with RecordingServer(stall) as server:
         try:
             dispatcher = setup.dispatcher([webhook_spec(tmp_path, server.url)], retry=policy)
-            setup.publish("rollback.failed")
+            await setup.publish("rollback.failed")
             await dispatcher.wait_idle()
         finally:
             stall.release()
@@ -235,7 +235,7 @@ async def test_timeouts_are_retried_then_counted_as_failures(tmp_path: Path, set
 async def test_connection_refused_is_retried(tmp_path: Path, setup: Setup) -> None:
     with closed_port() as url:
         dispatcher = setup.dispatcher([webhook_spec(tmp_path, url)])
-        setup.publish("rollback.failed")
+        await setup.publish("rollback.failed")
         await dispatcher.wait_idle()
     retries = setup.value("rollbackd_notification_retries_total", notifier="hook", reason="connect")
     assert retries == FAST.attempts - 1
@@ -247,7 +247,7 @@ async def test_the_wait_honours_retry_after(tmp_path: Path, setup: Setup, capsys
     policy = RetryPolicy(attempts=2, backoff=0.01, max_backoff=5.0, attempt_timeout=5.0)
     with json_logs(), HeaderServer([Answer(429, {"Retry-After": "0.4"}), Answer(200)]) as server:
         dispatcher = setup.dispatcher([webhook_spec(tmp_path, server.url)], retry=policy)
-        setup.publish("rollback.failed")
+        await setup.publish("rollback.failed")
         await dispatcher.wait_idle()
     assert len(server.requests) == 2
     [retry] = [line for line in log_lines(capsys) if line["event"].endswith("retrying")]
@@ -263,7 +263,7 @@ async def test_a_full_queue_drops_the_oldest_and_counts_it(
 ) -> None:
     dispatcher = setup.dispatcher([webhook_spec(tmp_path, server.url)], queue_size=1, start=False)
     for kind in ("rollback.started", "rollback.failed", "service.frozen"):
-        setup.publish(kind)
+        await setup.publish(kind)
     assert setup.value("rollbackd_notifications_dropped_total", notifier="hook") == 2
     assert setup.value("rollbackd_notification_queue_length", notifier="hook") == 1
     dispatcher.start()
@@ -280,10 +280,10 @@ async def test_behind_a_stuck_delivery_the_queue_fills_and_drops(
             dispatcher = setup.dispatcher(
                 [webhook_spec(tmp_path, server.url)], queue_size=1, retry=SLOW
             )
-            setup.publish("rollback.started")
+            await setup.publish("rollback.started")
             await eventually(lambda: server.count == 1, what="the first request stuck")
-            setup.publish("rollback.succeeded")
-            setup.publish("check.recovered")
+            await setup.publish("rollback.succeeded")
+            await setup.publish("check.recovered")
             assert setup.value("rollbackd_notifications_dropped_total", notifier="hook") == 1
             assert dispatcher.backlog("hook") == 2
         finally:
@@ -303,7 +303,7 @@ async def test_a_hung_notifier_delays_no_other(tmp_path: Path, setup: Setup) -> 
         )
         kinds = ["rollback.started", "rollback.failed", "service.frozen", "verify.failed"]
         for kind in kinds:
-            setup.publish(kind)  # returns at once: publishing never waits on a peer
+            await setup.publish(kind)  # returns at once: publishing never waits on a peer
         sent = "rollbackd_notifications_total"
         await eventually(
             lambda: setup.value(sent, notifier="ops", outcome="sent") == len(kinds),
@@ -322,7 +322,7 @@ async def test_events_published_before_start_go_out_after(
     tmp_path: Path, setup: Setup, server: RecordingServer
 ) -> None:
     dispatcher = setup.dispatcher([webhook_spec(tmp_path, server.url)], start=False)
-    setup.publish("rollback.started")
+    await setup.publish("rollback.started")
     assert server.count == 0
     dispatcher.start()
     await dispatcher.wait_idle()
@@ -343,17 +343,17 @@ async def test_stop_lets_queued_notifications_out_first(
 ) -> None:
     dispatcher = setup.dispatcher([webhook_spec(tmp_path, server.url)])
     for kind in ("rollback.started", "rollback.succeeded"):
-        setup.publish(kind)
+        await setup.publish(kind)
     await dispatcher.stop(timeout=30)
     assert types(server) == ["rollback.started", "rollback.succeeded"]
-    setup.publish("check.breach")  # after stop: ignored, never queued for a dead worker
+    await setup.publish("check.breach")  # after stop: ignored, never queued for a dead worker
     assert server.count == 2
 
 
 async def test_stop_gives_up_on_a_hung_peer(tmp_path: Path, setup: Setup) -> None:
     with HungServer() as hung:
         dispatcher = setup.dispatcher([webhook_spec(tmp_path, hung.url)], retry=SLOW)
-        setup.publish("rollback.failed")
+        await setup.publish("rollback.failed")
         await dispatcher.stop(timeout=0.2)
     # Abandoned: neither delivered nor given up on by the retry policy, just left behind.
     for outcome in ("sent", "failed"):
@@ -372,7 +372,7 @@ async def test_a_notifier_whose_secret_is_missing_is_disabled_not_fatal(
     assert problem.startswith("notify ops: disabled: notify ops: Slack webhook URL: cannot read")
     assert setup.value("rollbackd_notifier_ready", notifier="ops") == 0
     assert setup.value("rollbackd_notifier_ready", notifier="hook") == 1
-    setup.publish("rollback.started")
+    await setup.publish("rollback.started")
     await dispatcher.wait_idle()
     assert server.count == 1
 
@@ -380,13 +380,13 @@ async def test_a_notifier_whose_secret_is_missing_is_disabled_not_fatal(
 async def test_reload_routes_new_events_to_the_new_notifiers(tmp_path: Path, setup: Setup) -> None:
     with RecordingServer(always(OK)) as old, RecordingServer(always(OK)) as new:
         dispatcher = setup.dispatcher([webhook_spec(tmp_path, old.url)])
-        setup.publish("rollback.started")
+        await setup.publish("rollback.started")
         dispatcher.reload(
             [webhook_spec(tmp_path, new.url).model_copy(update={"name": "new"})],
             prometheus_url="http://prom:9090",
             public_url=None,
         )
-        setup.publish("rollback.succeeded")
+        await setup.publish("rollback.succeeded")
         await dispatcher.wait_idle()
         await eventually(lambda: old.count == 1, what="the old notifier's queue delivered")
     assert types(old) == ["rollback.started"]
@@ -414,8 +414,8 @@ class _BrokenSender(Sender):
 async def test_a_notifier_bug_is_a_failure_not_a_dead_worker(setup: Setup) -> None:
     _Broken.calls.clear()
     dispatcher = setup.dispatcher([_Broken(name="bug", type="broken")])
-    setup.publish("rollback.started")
-    setup.publish("rollback.succeeded")
+    await setup.publish("rollback.started")
+    await setup.publish("rollback.succeeded")
     await dispatcher.wait_idle()
     assert _Broken.calls == ["rollback.started", "rollback.succeeded"]  # tried once, not retried
     failures = "rollbackd_notification_failures_total"
@@ -487,7 +487,7 @@ async def test_no_secret_reaches_a_log_line_or_an_error(
                 ),
             ]
         )
-        setup.publish("rollback.failed", outcome="every executor failed")
+        await setup.publish("rollback.failed", outcome="every executor failed")
         await dispatcher.wait_idle()
         assert pagerduty.count == 1 and slack.count == FAST.attempts
     lines = log_lines(capsys)

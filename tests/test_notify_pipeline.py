@@ -81,13 +81,13 @@ class Daemonish:
         self.dispatcher.start()
         self.now = 1_700_000_000.0
 
-    def release(self, version: str, *, bake: bool = True) -> None:
+    async def release(self, version: str, *, bake: bool = True) -> None:
         self.now += 10
-        self.engine.versions.record_release("api", version, self.now)
+        await self.engine.versions.record_release("api", version, self.now)
         if bake:
-            self.engine.versions.update_bake("api", self.now, True, timedelta(seconds=1))
+            await self.engine.versions.update_bake("api", self.now, True, timedelta(seconds=1))
             self.now += 5
-            self.engine.versions.update_bake("api", self.now, True, timedelta(seconds=1))
+            await self.engine.versions.update_bake("api", self.now, True, timedelta(seconds=1))
 
     def trigger(self, *, automatic: bool = True, to: str | None = None) -> Trigger:
         self.now += 1
@@ -137,8 +137,8 @@ async def test_a_hung_notifier_does_not_delay_a_rollback(
             [sys.executable, RECORD, str(tmp_path / "runs"), "{to_version}"],
         )
         made.append(s)
-        s.release("1.0.0")
-        s.release("2.0.0", bake=False)
+        await s.release("1.0.0")
+        await s.release("2.0.0", bake=False)
         submitted = await s.pipeline.submit(s.trigger())
         assert submitted.outcome == "executing" and submitted.rollback is not None
         await s.pipeline.wait_idle()
@@ -170,8 +170,8 @@ async def test_a_failed_rollback_pages_and_a_later_success_resolves(
         broken.touch()
         s = Daemonish(tmp_path, notify, ["/bin/sh", "-c", f"test ! -e {broken}"])
         made.append(s)
-        s.release("1.0.0")
-        s.release("2.0.0", bake=False)
+        await s.release("1.0.0")
+        await s.release("2.0.0", bake=False)
         await s.pipeline.submit(s.trigger())
         await s.pipeline.wait_idle()
         await s.dispatcher.wait_idle()

@@ -4,11 +4,14 @@ through the tracker as CI would. Guards, idempotency, approve, dry-run, fallback
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -17,6 +20,7 @@ from rollbackd.core.model import RollbackState
 from rollbackd.prometheus import PrometheusClient
 from rollbackd.runtime.engine import Engine
 from rollbackd.runtime.pipeline import REFUSAL_QUIET, Pipeline, Trigger
+from rollbackd.runtime.service_locks import ServiceLocks
 from rollbackd.store.errors import ConflictError
 from rollbackd.store.sqlite import Store
 from support.configs import write_config
@@ -64,14 +68,14 @@ class Setup:
         self.pipeline = Pipeline(self.engine)
         self.now = 1_000_000.0
 
-    def release(self, version: str, *, bake: bool = True) -> None:
+    async def release(self, version: str, *, bake: bool = True) -> None:
         """A release recorded by CI; with ``bake``, it bakes into the last known good."""
         self.now += 10
-        self.engine.versions.record_release("api", version, self.now)
+        await self.engine.versions.record_release("api", version, self.now)
         if bake:
-            self.engine.versions.update_bake("api", self.now, True, timedelta(seconds=1))
+            await self.engine.versions.update_bake("api", self.now, True, timedelta(seconds=1))
             self.now += 5
-            self.engine.versions.update_bake("api", self.now, True, timedelta(seconds=1))
+            await self.engine.versions.update_bake("api", self.now, True, timedelta(seconds=1))
 
     def trigger(
         self, *, automatic: bool = True, to: str | None = None, reason: str = "ApiDown"
@@ -117,8 +121,8 @@ def make(tmp_path: Path) -> Iterator[type[Setup]]:
 
 async def test_bad_release_rolled_back_once_to_the_last_known_good(make: type[Setup]) -> None:
     s = make(recorder(Path("LOG")))
-    s.release("1.0.0")
-    s.release("2.0.0", bake=False)
+    await s.release("1.0.0")
+    await s.release("2.0.0", bake=False)
     first = await s.pipeline.submit(s.trigger(reason='ApiDown "critical"; $(rm -rf /)'))
     assert first.outcome == "executing"
     await s.pipeline.wait_idle()
@@ -144,8 +148,8 @@ async def test_bad_release_rolled_back_once_to_the_last_known_good(make: type[Se
 @pytest.mark.faults
 async def test_failing_first_executor_falls_back_to_the_second(make: type[Setup]) -> None:
     s = make(recorder(Path("LOG"), "--fail") + recorder(Path("LOG")))
-    s.release("1.0.0")
-    s.release("2.0.0", bake=False)
+    await s.release("1.0.0")
+    await s.release("2.0.0", bake=False)
     submitted = await s.pipeline.submit(s.trigger())
     await s.pipeline.wait_idle()
     steps = s.store.steps(submitted.rollback.id)  # type: ignore[union-attr]
@@ -162,8 +166,8 @@ async def test_failing_first_executor_falls_back_to_the_second(make: type[Setup]
 @pytest.mark.faults
 async def test_all_executors_failing_freezes_the_service(make: type[Setup]) -> None:
     s = make(recorder(Path("LOG"), "--fail"))
-    s.release("1.0.0")
-    s.release("2.0.0", bake=False)
+    await s.release("1.0.0")
+    await s.release("2.0.0", bake=False)
     submitted = await s.pipeline.submit(s.trigger())
     await s.pipeline.wait_idle()
     done = s.store.rollback(submitted.rollback.id)  # type: ignore[union-attr]
@@ -172,7 +176,7 @@ async def test_all_executors_failing_freezes_the_service(make: type[Setup]) -> N
     state = s.store.service_state("api")
     assert state is not None and state.frozen
     # Frozen: the next release's automatic trigger is refused; a person may still act.
-    s.release("3.0.0", bake=False)
+    await s.release("3.0.0", bake=False)
     refused = await s.pipeline.submit(s.trigger())
     assert refused.outcome == "refused"
     assert refused.reason.startswith("the service is frozen: rollback")
@@ -180,11 +184,11 @@ async def test_all_executors_failing_freezes_the_service(make: type[Setup]) -> N
 
 async def test_cooldown_holds_for_automatic_but_not_for_a_person(make: type[Setup]) -> None:
     s = make(recorder(Path("LOG")), guards='cooldown = "15m"')
-    s.release("1.0.0")
-    s.release("2.0.0", bake=False)
+    await s.release("1.0.0")
+    await s.release("2.0.0", bake=False)
     await s.pipeline.submit(s.trigger())
     await s.pipeline.wait_idle()
-    s.release("3.0.0", bake=False)
+    await s.release("3.0.0", bake=False)
     refused = await s.pipeline.submit(s.trigger())
     assert refused.outcome == "refused"
     assert "within cooldown 15m" in refused.reason
@@ -196,12 +200,12 @@ async def test_cooldown_holds_for_automatic_but_not_for_a_person(make: type[Setu
 
 async def test_max_rollbacks_freezes_the_service(make: type[Setup]) -> None:
     s = make(recorder(Path("LOG")), guards='cooldown = "1ms"\nmax_rollbacks = 2\nwindow = "1h"')
-    s.release("1.0.0")
+    await s.release("1.0.0")
     for version in ("2.0.0", "3.0.0"):
-        s.release(version, bake=False)
+        await s.release(version, bake=False)
         assert (await s.pipeline.submit(s.trigger())).outcome == "executing"
         await s.pipeline.wait_idle()
-    s.release("4.0.0", bake=False)
+    await s.release("4.0.0", bake=False)
     refused = await s.pipeline.submit(s.trigger())
     assert refused.outcome == "refused"
     assert "(max_rollbacks 2): freezing the service" in refused.reason
@@ -213,7 +217,7 @@ async def test_no_last_known_good_refuses_when_the_executor_needs_a_target(
     make: type[Setup],
 ) -> None:
     s = make(recorder(Path("LOG")))
-    s.release("2.0.0", bake=False)
+    await s.release("2.0.0", bake=False)
     refused = await s.pipeline.submit(s.trigger())
     assert refused.outcome == "refused"
     assert refused.reason.startswith("no version to roll back to")
@@ -222,8 +226,8 @@ async def test_no_last_known_good_refuses_when_the_executor_needs_a_target(
 
 async def test_approve_mode_waits_for_a_person(make: type[Setup]) -> None:
     s = make(recorder(Path("LOG")), mode="approve")
-    s.release("1.0.0")
-    s.release("2.0.0", bake=False)
+    await s.release("1.0.0")
+    await s.release("2.0.0", bake=False)
     pending = await s.pipeline.submit(s.trigger())
     assert pending.outcome == "pending_approval"
     assert s.runs() == []
@@ -239,8 +243,8 @@ async def test_approve_mode_waits_for_a_person(make: type[Setup]) -> None:
 
 async def test_reject_and_expiry(make: type[Setup]) -> None:
     s = make(recorder(Path("LOG")), mode="approve")
-    s.release("1.0.0")
-    s.release("2.0.0", bake=False)
+    await s.release("1.0.0")
+    await s.release("2.0.0", bake=False)
     pending = await s.pipeline.submit(s.trigger())
     rejected = await s.pipeline.reject(pending.rollback.id, "bob", "known flaky")  # type: ignore[union-attr]
     assert rejected.state is RollbackState.REJECTED
@@ -250,7 +254,7 @@ async def test_reject_and_expiry(make: type[Setup]) -> None:
     # A rejected release is not asked about again.
     assert (await s.pipeline.submit(s.trigger())).outcome == "joined"
 
-    s.release("3.0.0", bake=False)
+    await s.release("3.0.0", bake=False)
     waiting = await s.pipeline.submit(s.trigger())
     assert waiting.outcome == "pending_approval"
     s.pipeline.clock = lambda: s.now + 3600  # the approval timeout (30m) has passed
@@ -263,8 +267,8 @@ async def test_an_approval_after_the_deadline_is_refused_before_the_sweep(
     make: type[Setup],
 ) -> None:
     s = make(recorder(Path("LOG")), mode="approve")
-    s.release("1.0.0")
-    s.release("2.0.0", bake=False)
+    await s.release("1.0.0")
+    await s.release("2.0.0", bake=False)
     pending = await s.pipeline.submit(s.trigger())
     assert pending.rollback is not None and pending.rollback.expires_at is not None
     deadline = pending.rollback.expires_at
@@ -280,8 +284,8 @@ async def test_an_approval_after_the_deadline_is_refused_before_the_sweep(
 
 async def test_dry_run_records_and_announces_without_executing(make: type[Setup]) -> None:
     s = make(recorder(Path("LOG")), mode="dry-run")
-    s.release("1.0.0")
-    s.release("2.0.0", bake=False)
+    await s.release("1.0.0")
+    await s.release("2.0.0", bake=False)
     submitted = await s.pipeline.submit(s.trigger())
     assert submitted.outcome == "dry_run"
     await s.pipeline.wait_idle()
@@ -295,8 +299,8 @@ async def test_dry_run_records_and_announces_without_executing(make: type[Setup]
 
 async def test_pause_stops_automatic_rollbacks(make: type[Setup]) -> None:
     s = make(recorder(Path("LOG")))
-    s.release("1.0.0")
-    s.release("2.0.0", bake=False)
+    await s.release("1.0.0")
+    await s.release("2.0.0", bake=False)
     s.store.set_pause("api", True, s.now)
     refused = await s.pipeline.submit(s.trigger())
     assert (refused.outcome, refused.reason) == (
@@ -313,8 +317,8 @@ async def test_a_storm_of_refused_triggers_is_announced_once_per_quiet_period(
     make: type[Setup],
 ) -> None:
     s = make(recorder(Path("LOG")))
-    s.release("1.0.0")
-    s.release("2.0.0", bake=False)
+    await s.release("1.0.0")
+    await s.release("2.0.0", bake=False)
     s.store.set_pause("api", True, s.now)
     storm = s.trigger()  # 2,000 alerts within the same second
     outcomes = {(await s.pipeline.submit(storm)).outcome for _ in range(2000)}
@@ -337,10 +341,105 @@ async def test_a_storm_of_refused_triggers_is_announced_once_per_quiet_period(
 @pytest.mark.faults
 async def test_unsafe_manual_target_is_never_run(make: type[Setup]) -> None:
     s = make(recorder(Path("LOG")))
-    s.release("2.0.0", bake=False)
+    await s.release("2.0.0", bake=False)
     submitted = await s.pipeline.submit(s.trigger(automatic=False, to="../../etc"))
     await s.pipeline.wait_idle()
     assert s.runs() == []
     steps = s.store.steps(submitted.rollback.id)  # type: ignore[union-attr]
     assert not steps[0].ok
     assert "not a safe version" in steps[0].summary
+
+
+# -- decisions stay atomic: the writes are awaited, yet one release gets one rollback -------
+
+
+def slow_writes(monkeypatch: pytest.MonkeyPatch, store: Store, seconds: float = 0.005) -> None:
+    """Every write a decision awaits takes longer on the writer thread, so that many
+    decisions are in flight at once, each between its reads and its write."""
+    for name in ("create_rollback", "add_trigger", "add_event", "set_rollback_state"):
+        write = getattr(store, name)
+
+        def slowed(*args: Any, _write: Callable[..., Any] = write, **kwargs: Any) -> Any:
+            time.sleep(seconds)
+            return _write(*args, **kwargs)
+
+        monkeypatch.setattr(store, name, slowed)
+
+
+@pytest.mark.faults
+@pytest.mark.parametrize(
+    ("mode", "outcome"),
+    [("auto", "executing"), ("dry-run", "dry_run"), ("approve", "pending_approval")],
+)
+async def test_concurrent_triggers_for_one_release_make_one_rollback_the_rest_join(
+    make: type[Setup], monkeypatch: pytest.MonkeyPatch, mode: str, outcome: str
+) -> None:
+    s = make(recorder(Path("LOG")), mode=mode)
+    await s.release("1.0.0")
+    await s.release("2.0.0", bake=False)
+    slow_writes(monkeypatch, s.store)
+    storm = [s.trigger(reason=f"ApiDown on instance {i}") for i in range(50)]
+    submissions = await asyncio.gather(*(s.pipeline.submit(t) for t in storm))
+    await s.pipeline.wait_idle()
+    outcomes = [sub.outcome for sub in submissions]
+    assert (outcomes.count(outcome), outcomes.count("joined")) == (1, 49)
+    [rollback] = s.store.rollbacks(service="api")
+    assert {sub.rollback.id for sub in submissions if sub.rollback} == {rollback.id}
+    # Each joined trigger is recorded against the one rollback (a dry run, which the
+    # database does not key by release, would otherwise be recorded 50 times).
+    assert len(s.store.triggers(rollback.id)) == 49
+    assert len(s.runs()) == (1 if mode == "auto" else 0)
+
+
+@pytest.mark.faults
+async def test_an_approval_and_a_rejection_at_once_are_decided_in_turn(
+    make: type[Setup], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    s = make(recorder(Path("LOG")), mode="approve")
+    await s.release("1.0.0")
+    await s.release("2.0.0", bake=False)
+    pending = await s.pipeline.submit(s.trigger())
+    assert pending.rollback is not None
+    s.pipeline.clock = lambda: s.now
+    slow_writes(monkeypatch, s.store)
+    approved, rejected = await asyncio.gather(
+        s.pipeline.approve(pending.rollback.id, "alice"),
+        s.pipeline.reject(pending.rollback.id, "bob"),
+        return_exceptions=True,
+    )
+    await s.pipeline.wait_idle()
+    assert not isinstance(approved, BaseException) and approved.decided_by == "alice"
+    assert isinstance(rejected, ConflictError)
+    assert s.events() == ["rollback.pending", "rollback.started", "rollback.succeeded"]
+    assert len(s.runs()) == 1
+
+
+async def test_the_service_lock_is_not_held_while_a_rollback_runs(make: type[Setup]) -> None:
+    s = make(recorder(Path("LOG"), "--hang"))
+    await s.release("1.0.0")
+    await s.release("2.0.0", bake=False)
+    assert (await s.pipeline.submit(s.trigger())).outcome == "executing"
+    for _ in range(500):  # poll, bounded: the executor has started and hangs
+        if s.runs():
+            break
+        await asyncio.sleep(0.01)
+    assert s.runs()
+    # Decided at once while the executor still runs: joined, not queued behind it.
+    joined = await asyncio.wait_for(s.pipeline.submit(s.trigger()), timeout=10)
+    assert joined.outcome == "joined"
+    await s.pipeline.interrupt_all("the test is over")
+    [rollback] = s.store.rollbacks(service="api")
+    assert rollback.state is RollbackState.RUNNING
+    assert len(s.store.triggers(rollback.id)) == 1
+
+
+async def test_a_service_lock_taken_twice_by_one_task_is_an_error_not_a_deadlock() -> None:
+    locks = ServiceLocks()
+    async with locks.hold("api"):
+        with pytest.raises(RuntimeError, match="already holds the lock of service 'api'"):
+            async with locks.hold("api"):
+                pass
+        async with locks.hold("web"):  # another service's lock: no wait
+            pass
+    async with locks.hold("api"):  # released after the error
+        pass

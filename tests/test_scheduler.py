@@ -12,6 +12,7 @@ import pytest
 from rollbackd.core.check_state import CheckState, SeriesState
 from rollbackd.prometheus import PrometheusClient
 from rollbackd.runtime.engine import Engine
+from rollbackd.runtime.runner import Runner
 from rollbackd.runtime.scheduler import Scheduler
 from rollbackd.store.sqlite import Store
 from support.configs import load_config, service
@@ -55,7 +56,7 @@ async def test_jobs_run_and_reload_replaces_only_what_changed(
     url = backfilled_prometheus.url
     loaded = load_config(tmp_path, url, {"a": service("a", check("keep") + check("change"))})
     engine = Engine(loaded, PrometheusClient(loaded.config.prometheus), Store(tmp_path / "s.db"))
-    scheduler = Scheduler(engine, rng=random.Random(7))
+    scheduler = Scheduler(Runner(engine), rng=random.Random(7))
     scheduler.start()
     try:
         assert scheduler.job_ids() == ["check:a:change", "check:a:keep", "service:a"]

@@ -21,6 +21,7 @@ from rollbackd.core.model import RollbackState
 from rollbackd.prometheus import PrometheusClient
 from rollbackd.runtime.engine import Engine
 from rollbackd.runtime.pipeline import Pipeline, Trigger
+from rollbackd.runtime.runner import Runner
 from rollbackd.store.sqlite import Store
 from support.configs import write_config
 from support.daemon_process import DaemonProcess, alert_service, executions
@@ -51,7 +52,7 @@ def tiny_fs(tmp_path: Path) -> Iterator[Path]:
         subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
-def pipeline_on(state: Path, tmp_path: Path) -> tuple[Pipeline, Path]:
+async def pipeline_on(state: Path, tmp_path: Path) -> tuple[Pipeline, Path]:
     runs = tmp_path / "runs.jsonl"
     argv = [sys.executable, RECORD, str(runs), "{to_version}"]
     rules = (
@@ -62,9 +63,9 @@ def pipeline_on(state: Path, tmp_path: Path) -> tuple[Pipeline, Path]:
     loaded = load(write_config(tmp_path, "http://127.0.0.1:9", {"api": rules}))
     store = Store(state / "state.db")
     engine = Engine(loaded, PrometheusClient(loaded.config.prometheus), store)
-    engine.versions.record_release("api", "1.0.0", 1000.0)
+    await engine.versions.record_release("api", "1.0.0", 1000.0)
     store.mark_baked("api", "1.0.0", 1001.0)
-    engine.versions.record_release("api", "2.0.0", 2000.0)
+    await engine.versions.record_release("api", "2.0.0", 2000.0)
     return Pipeline(engine), runs
 
 
@@ -108,7 +109,7 @@ def fill(directory: Path) -> None:
 
 
 async def test_full_state_directory_acts_on_nothing(tiny_fs: Path, tmp_path: Path) -> None:
-    pipeline, runs = pipeline_on(tiny_fs, tmp_path)
+    pipeline, runs = await pipeline_on(tiny_fs, tmp_path)
     fill(tiny_fs)
     submitted = await pipeline.submit(trigger())
     await pipeline.wait_idle()
@@ -118,8 +119,8 @@ async def test_full_state_directory_acts_on_nothing(tiny_fs: Path, tmp_path: Pat
     pipeline.store.close()
 
 
-def test_read_only_state_directory_refuses_to_start(tiny_fs: Path, tmp_path: Path) -> None:
-    pipeline, _ = pipeline_on(tiny_fs, tmp_path)
+async def test_read_only_state_directory_refuses_to_start(tiny_fs: Path, tmp_path: Path) -> None:
+    pipeline, _ = await pipeline_on(tiny_fs, tmp_path)
     pipeline.store.close()
     subprocess.run(["mount", "-o", "remount,ro", str(tiny_fs)], check=True)
     config = tmp_path / "config.toml"
@@ -206,25 +207,25 @@ async def test_a_breach_seen_while_the_disk_is_full_is_acted_on_once_there_is_ro
         store = Store(tiny_fs / "state.db")
         engine = Engine(loaded, PrometheusClient(loaded.config.prometheus), store)
         pipeline = Pipeline(engine)
-        engine.on_fire = pipeline.on_fire
+        runner = Runner(engine, pipeline.on_fire)
         try:
             now = time.time()
-            engine.versions.record_release("api", "2.0.0", now - 60)
+            await engine.versions.record_release("api", "2.0.0", now - 60)
             fill(tiny_fs)
             for at in (now, now + 1, now + 2):
-                [evaluation] = await engine.tick(at)
+                [evaluation] = await runner.tick(at)
                 assert evaluation.state.firing or at == now
             await pipeline.wait_idle()
             assert not runs.exists()
             assert store.rollbacks() == []
 
             (tiny_fs / "ballast").unlink()
-            await engine.tick(now + 3)
+            await runner.tick(now + 3)
             await pipeline.wait_idle()
             [rollback] = store.rollbacks()
             assert rollback.state is RollbackState.SUCCEEDED
             # Handed over, it is not handed over again: the next evaluations add nothing.
-            await engine.tick(now + 4)
+            await runner.tick(now + 4)
             await pipeline.wait_idle()
             assert len(runs.read_text().splitlines()) == 1
             assert store.triggers(rollback.id) == []

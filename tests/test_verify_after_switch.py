@@ -33,6 +33,7 @@ from rollbackd.core.samples import Verdict
 from rollbackd.prometheus import PrometheusClient
 from rollbackd.runtime.engine import Engine
 from rollbackd.runtime.pipeline import Pipeline
+from rollbackd.runtime.runner import Runner
 from rollbackd.runtime.verify import Verifier, window_cap
 from rollbackd.store.sqlite import Store
 from support.configs import load_config
@@ -409,7 +410,7 @@ class World:
         self.store = Store(tmp_path / "state.db")
         self.engine = Engine(loaded, PrometheusClient(loaded.config.prometheus), self.store)
         self.pipeline = Pipeline(self.engine)
-        self.engine.on_fire = self.pipeline.on_fire
+        self.runner = Runner(self.engine, self.pipeline.on_fire)
         self.service = loaded.services["checkout"]
 
     def events(self) -> list[str]:
@@ -451,14 +452,14 @@ def await_version(prometheus: PrometheusServer, version: str) -> None:
 
 
 async def release_bad_and_roll_back(world: World, fake: FakeService) -> None:
-    await world.engine.tick(time.time())
+    await world.runner.tick(time.time())
     # Baking is not under test here: 1.0.0 is simply the last known good.
     assert world.store.mark_baked("checkout", "1.0.0", time.time())
     # Nearly all requests fail: the 1m window still holds well over 10% errors all through
     # verification (what failed every correct rollback before windows were clipped).
     fake.update(version="2.0.0", error_ratio=0.9)
     for _ in range(80):
-        await world.engine.tick(time.time())
+        await world.runner.tick(time.time())
         if world.store.rollbacks(limit=1):
             break
         await asyncio.sleep(0.25)  # poll: the next scrape brings new samples

@@ -148,17 +148,21 @@ def test_invalid_labels_are_reported_once_each_and_safely() -> None:
 # Observing versions
 
 
-def test_first_reading_ever_is_detected_at_start(tracker: VersionTracker, store: Store) -> None:
-    seen = tracker.observe("checkout", answer("1.0"), LABEL, now=100.0)
+async def test_first_reading_ever_is_detected_at_start(
+    tracker: VersionTracker, store: Store
+) -> None:
+    seen = await tracker.observe("checkout", answer("1.0"), LABEL, now=100.0)
     assert (seen.current, seen.changed, seen.previous) == ("1.0", True, None)
     assert (seen.first_seen, seen.detected_at_start, seen.rejected) == (100.0, True, ())
     (change,) = store.version_changes("checkout")
     assert (change.to_version, change.source) == ("1.0", VersionSource.START)
 
 
-def test_a_release_seen_while_running_is_discovered(tracker: VersionTracker, store: Store) -> None:
-    tracker.observe("checkout", answer("1.0"), LABEL, now=100.0)
-    seen = tracker.observe("checkout", answer("1.0", "1.1"), LABEL, now=200.0)
+async def test_a_release_seen_while_running_is_discovered(
+    tracker: VersionTracker, store: Store
+) -> None:
+    await tracker.observe("checkout", answer("1.0"), LABEL, now=100.0)
+    seen = await tracker.observe("checkout", answer("1.0", "1.1"), LABEL, now=200.0)
     assert (seen.current, seen.changed, seen.previous) == ("1.1", True, "1.0")
     assert (seen.first_seen, seen.detected_at_start) == (200.0, False)
     assert [(c.to_version, c.source) for c in store.version_changes("checkout")] == [
@@ -169,11 +173,11 @@ def test_a_release_seen_while_running_is_discovered(tracker: VersionTracker, sto
     assert tracker.current_since("checkout") == 200.0
 
 
-def test_the_same_version_again_only_touches_last_seen(
+async def test_the_same_version_again_only_touches_last_seen(
     tracker: VersionTracker, store: Store
 ) -> None:
-    tracker.observe("checkout", answer("1.0"), LABEL, now=100.0)
-    seen = tracker.observe("checkout", answer("1.0"), LABEL, now=160.0)
+    await tracker.observe("checkout", answer("1.0"), LABEL, now=100.0)
+    seen = await tracker.observe("checkout", answer("1.0"), LABEL, now=160.0)
     assert (seen.current, seen.changed, seen.previous, seen.detected_at_start) == (
         "1.0",
         False,
@@ -186,11 +190,11 @@ def test_the_same_version_again_only_touches_last_seen(
     assert tracker.current_since("checkout") == 100.0
 
 
-def test_sightings_are_written_together_every_few_seconds(
+async def test_sightings_are_written_together_every_few_seconds(
     tracker: VersionTracker, store: Store, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     for name in ("a", "b", "c"):
-        tracker.observe(name, answer("1.0"), LABEL, now=100.0)
+        await tracker.observe(name, answer("1.0"), LABEL, now=100.0)
     writes: list[int] = []
     touch_versions = store.touch_versions
 
@@ -206,71 +210,71 @@ def test_sightings_are_written_together_every_few_seconds(
         return record.last_seen
 
     # The first sighting after a quiet spell is written at once ...
-    tracker.observe("a", answer("1.0"), LABEL, now=200.0)
+    await tracker.observe("a", answer("1.0"), LABEL, now=200.0)
     assert (writes, last_seen("a")) == ([1], 200.0)
     # ... those within TOUCH_FLUSH_EVERY of the last write wait, then go in one transaction.
-    tracker.observe("b", answer("1.0"), LABEL, now=201.0)
-    tracker.observe("a", answer("1.0"), LABEL, now=203.0)
+    await tracker.observe("b", answer("1.0"), LABEL, now=201.0)
+    await tracker.observe("a", answer("1.0"), LABEL, now=203.0)
     assert (writes, last_seen("b")) == ([1], 100.0)
-    tracker.observe("c", answer("1.0"), LABEL, now=200.0 + TOUCH_FLUSH_EVERY)
+    await tracker.observe("c", answer("1.0"), LABEL, now=200.0 + TOUCH_FLUSH_EVERY)
     assert writes == [1, 3]
     assert [last_seen(name) for name in "abc"] == [203.0, 201.0, 200.0 + TOUCH_FLUSH_EVERY]
     # flush() writes what is pending; a version change is written at once, as ever.
-    tracker.observe("a", answer("1.0"), LABEL, now=206.0)
-    tracker.flush()
+    await tracker.observe("a", answer("1.0"), LABEL, now=206.0)
+    await tracker.flush()
     assert (writes, last_seen("a")) == ([1, 3, 1], 206.0)
-    assert tracker.observe("b", answer("1.1"), LABEL, now=207.0).changed
+    assert (await tracker.observe("b", answer("1.1"), LABEL, now=207.0)).changed
     assert store.version("b", "1.1") is not None
 
 
-def test_an_answer_without_a_valid_version_changes_nothing(
+async def test_an_answer_without_a_valid_version_changes_nothing(
     tracker: VersionTracker, store: Store
 ) -> None:
-    tracker.observe("checkout", answer("1.0"), LABEL, now=100.0)
-    seen = tracker.observe("checkout", [sample("no good"), sample(None)], LABEL, now=200.0)
+    await tracker.observe("checkout", answer("1.0"), LABEL, now=100.0)
+    seen = await tracker.observe("checkout", [sample("no good"), sample(None)], LABEL, now=200.0)
     assert (seen.current, seen.changed, seen.first_seen) == ("1.0", False, 100.0)
     assert len(seen.rejected) == 1
     record = store.version("checkout", "1.0")
     assert record is not None and record.last_seen == 100.0
 
-    nothing = tracker.observe("search", [], LABEL, now=200.0)
+    nothing = await tracker.observe("search", [], LABEL, now=200.0)
     assert (nothing.current, nothing.changed, nothing.first_seen) == (None, False, None)
 
 
-def test_rolling_deploy_picks_the_newest_and_stays_on_it(tracker: VersionTracker) -> None:
-    tracker.observe("checkout", answer("1.0"), LABEL, now=100.0)
+async def test_rolling_deploy_picks_the_newest_and_stays_on_it(tracker: VersionTracker) -> None:
+    await tracker.observe("checkout", answer("1.0"), LABEL, now=100.0)
     # Old pods and their series linger for a while: the new version stays current.
     for now, versions in [(200.0, ("1.0", "1.1")), (215.0, ("1.1", "1.0")), (230.0, ("1.1",))]:
-        seen = tracker.observe("checkout", answer(*versions), LABEL, now=now)
+        seen = await tracker.observe("checkout", answer(*versions), LABEL, now=now)
         assert seen.current == "1.1"
         assert seen.changed == (now == 200.0)
 
 
-def test_a_version_deployed_again_is_current_and_lingering_series_do_not_flap(
+async def test_a_version_deployed_again_is_current_and_lingering_series_do_not_flap(
     tracker: VersionTracker, store: Store
 ) -> None:
-    tracker.observe("checkout", answer("1.0"), LABEL, now=100.0)
-    tracker.observe("checkout", answer("1.1"), LABEL, now=200.0)
+    await tracker.observe("checkout", answer("1.0"), LABEL, now=100.0)
+    await tracker.observe("checkout", answer("1.1"), LABEL, now=200.0)
     # Rolled back: only 1.0 answers, for one grace (a known version does not take over
     # at one answer: that may be 1.1's series missing from a scrape) ...
-    assert not tracker.observe("checkout", answer("1.0"), LABEL, now=300.0).changed
-    assert tracker.observe("checkout", answer("1.0"), LABEL, now=315.0).changed
+    assert not (await tracker.observe("checkout", answer("1.0"), LABEL, now=300.0)).changed
+    assert (await tracker.observe("checkout", answer("1.0"), LABEL, now=315.0)).changed
     # ... and then 1.1's series, not stale yet, show up again.
-    seen = tracker.observe("checkout", answer("1.1", "1.0"), LABEL, now=330.0)
+    seen = await tracker.observe("checkout", answer("1.1", "1.0"), LABEL, now=330.0)
     assert (seen.current, seen.changed) == ("1.0", False)
     assert [c.to_version for c in store.version_changes("checkout")] == ["1.0", "1.1", "1.0"]
 
 
-def test_a_bad_version_deployed_again_is_flagged(tracker: VersionTracker) -> None:
-    tracker.observe("checkout", answer("1.0"), LABEL, now=100.0)
-    tracker.observe("checkout", answer("1.1"), LABEL, now=200.0)
-    assert tracker.mark_bad("checkout", "1.1", "error-rate 0.31 > 0.05")
+async def test_a_bad_version_deployed_again_is_flagged(tracker: VersionTracker) -> None:
+    await tracker.observe("checkout", answer("1.0"), LABEL, now=100.0)
+    await tracker.observe("checkout", answer("1.1"), LABEL, now=200.0)
+    assert await tracker.mark_bad("checkout", "1.1", "error-rate 0.31 > 0.05")
     for now in (300.0, 315.0):
-        tracker.observe("checkout", answer("1.0"), LABEL, now=now)
+        await tracker.observe("checkout", answer("1.0"), LABEL, now=now)
     assert tracker.current("checkout") == "1.0"
     # Deployed again: a known version, so it takes over once 1.0 has been gone a grace.
-    tracker.observe("checkout", answer("1.1"), LABEL, now=400.0)
-    seen = tracker.observe("checkout", answer("1.1"), LABEL, now=415.0)
+    await tracker.observe("checkout", answer("1.1"), LABEL, now=400.0)
+    seen = await tracker.observe("checkout", answer("1.1"), LABEL, now=415.0)
     assert (seen.current, seen.changed, seen.bad) == ("1.1", True, True)
 
 
@@ -284,17 +288,17 @@ def test_a_bad_version_deployed_again_is_flagged(tracker: VersionTracker) -> Non
         pytest.param("1.2", True, VersionSource.START, id="changed-while-down"),
     ],
 )
-def test_restart(
+async def test_restart(
     db: Path, after_restart: str, changed: bool, source_of_last_change: VersionSource
 ) -> None:
     with Store(db) as before:
         tracker = VersionTracker(before)
-        tracker.observe("checkout", answer("0.9"), LABEL, now=50.0)
-        tracker.observe("checkout", answer("1.0"), LABEL, now=100.0)
+        await tracker.observe("checkout", answer("0.9"), LABEL, now=50.0)
+        await tracker.observe("checkout", answer("1.0"), LABEL, now=100.0)
 
     with Store(db) as after:
         tracker = VersionTracker(after)
-        seen = tracker.observe("checkout", answer(after_restart), LABEL, now=5000.0)
+        seen = await tracker.observe("checkout", answer(after_restart), LABEL, now=5000.0)
         assert (seen.current, seen.changed, seen.detected_at_start) == (
             after_restart,
             changed,
@@ -303,24 +307,26 @@ def test_restart(
         assert seen.previous == ("1.0" if changed else None)
         assert after.version_changes("checkout", limit=1)[0].source is source_of_last_change
         # Later changes are seen happen again.
-        later = tracker.observe("checkout", answer("2.0"), LABEL, now=6000.0)
+        later = await tracker.observe("checkout", answer("2.0"), LABEL, now=6000.0)
         assert (later.changed, later.detected_at_start) == (True, False)
 
 
 # Releases through the API
 
 
-def test_record_release(tracker: VersionTracker, store: Store) -> None:
-    first = tracker.record_release("batch", "2024.05.01", now=100.0, meta={"commit": "3f2a9c1"})
+async def test_record_release(tracker: VersionTracker, store: Store) -> None:
+    first = await tracker.record_release(
+        "batch", "2024.05.01", now=100.0, meta={"commit": "3f2a9c1"}
+    )
     assert (first.current, first.changed, first.previous, first.detected_at_start) == (
         "2024.05.01",
         True,
         None,
         False,
     )
-    again = tracker.record_release("batch", "2024.05.01", now=150.0)
+    again = await tracker.record_release("batch", "2024.05.01", now=150.0)
     assert not again.changed
-    tracker.record_release("batch", "2024.05.02", now=200.0)
+    await tracker.record_release("batch", "2024.05.02", now=200.0)
     assert [(c.to_version, c.source) for c in store.version_changes("batch")] == [
         ("2024.05.02", VersionSource.API),
         ("2024.05.01", VersionSource.API),
@@ -328,37 +334,39 @@ def test_record_release(tracker: VersionTracker, store: Store) -> None:
     record = store.version("batch", "2024.05.01")
     assert record is not None and record.meta == {"commit": "3f2a9c1"}
     with pytest.raises(ValueError, match="invalid version"):
-        tracker.record_release("batch", "1.0; rm -rf /", now=300.0)
+        await tracker.record_release("batch", "1.0; rm -rf /", now=300.0)
 
 
 # Baking
 
 
-def ticks(
+async def ticks(
     tracker: VersionTracker, readings: list[tuple[float, bool]], service: str = "checkout"
 ) -> list[str | None]:
-    return [tracker.update_bake(service, now, healthy, BAKE) for now, healthy in readings]
+    return [await tracker.update_bake(service, now, healthy, BAKE) for now, healthy in readings]
 
 
-def test_bakes_once_after_bake_time_healthy(tracker: VersionTracker, store: Store) -> None:
-    tracker.observe("checkout", answer("1.0"), LABEL, now=0.0)
-    assert ticks(tracker, [(0.0, True), (300.0, True), (599.0, True), (600.0, True)]) == [
+async def test_bakes_once_after_bake_time_healthy(tracker: VersionTracker, store: Store) -> None:
+    await tracker.observe("checkout", answer("1.0"), LABEL, now=0.0)
+    assert await ticks(tracker, [(0.0, True), (300.0, True), (599.0, True), (600.0, True)]) == [
         None,
         None,
         None,
         "1.0",
     ]
-    assert ticks(tracker, [(601.0, True), (900.0, True)]) == [None, None]
+    assert await ticks(tracker, [(601.0, True), (900.0, True)]) == [None, None]
     record = store.version("checkout", "1.0")
     assert record is not None and record.baked_at == 600.0
 
 
-def test_unhealthy_resets_the_bake_clock(tracker: VersionTracker, store: Store) -> None:
-    tracker.observe("checkout", answer("1.0"), LABEL, now=0.0)
-    assert ticks(tracker, [(0.0, True), (500.0, True), (550.0, False)]) == [None] * 3
+async def test_unhealthy_resets_the_bake_clock(tracker: VersionTracker, store: Store) -> None:
+    await tracker.observe("checkout", answer("1.0"), LABEL, now=0.0)
+    assert await ticks(tracker, [(0.0, True), (500.0, True), (550.0, False)]) == [None] * 3
     state = store.service_state("checkout")
     assert state is not None and state.healthy_since is None
-    assert ticks(tracker, [(560.0, True), (1100.0, True), (1159.0, True), (1160.0, True)]) == [
+    assert await ticks(
+        tracker, [(560.0, True), (1100.0, True), (1159.0, True), (1160.0, True)]
+    ) == [
         None,
         None,
         None,
@@ -366,36 +374,40 @@ def test_unhealthy_resets_the_bake_clock(tracker: VersionTracker, store: Store) 
     ]
 
 
-def test_bake_clock_starts_when_the_version_went_live(tracker: VersionTracker) -> None:
-    tracker.observe("checkout", answer("1.0"), LABEL, now=0.0)
-    assert ticks(tracker, [(0.0, True), (400.0, True)]) == [None, None]
+async def test_bake_clock_starts_when_the_version_went_live(tracker: VersionTracker) -> None:
+    await tracker.observe("checkout", answer("1.0"), LABEL, now=0.0)
+    assert await ticks(tracker, [(0.0, True), (400.0, True)]) == [None, None]
     # Healthy throughout, but 1.1 has only been live since 500.
-    tracker.observe("checkout", answer("1.1"), LABEL, now=500.0)
-    assert ticks(tracker, [(600.0, True), (1099.0, True), (1100.0, True)]) == [None, None, "1.1"]
+    await tracker.observe("checkout", answer("1.1"), LABEL, now=500.0)
+    assert await ticks(tracker, [(600.0, True), (1099.0, True), (1100.0, True)]) == [
+        None,
+        None,
+        "1.1",
+    ]
 
 
-def test_a_bad_version_never_bakes(tracker: VersionTracker, store: Store) -> None:
-    tracker.observe("checkout", answer("1.0"), LABEL, now=0.0)
-    tracker.mark_bad("checkout", "1.0", "manual rollback: memory leak")
-    assert ticks(tracker, [(0.0, True), (600.0, True), (6000.0, True)]) == [None] * 3
+async def test_a_bad_version_never_bakes(tracker: VersionTracker, store: Store) -> None:
+    await tracker.observe("checkout", answer("1.0"), LABEL, now=0.0)
+    await tracker.mark_bad("checkout", "1.0", "manual rollback: memory leak")
+    assert await ticks(tracker, [(0.0, True), (600.0, True), (6000.0, True)]) == [None] * 3
     record = store.version("checkout", "1.0")
     assert record is not None and record.baked_at is None
 
 
-def test_nothing_to_bake_without_a_version(tracker: VersionTracker) -> None:
-    assert ticks(tracker, [(0.0, True), (6000.0, True)], service="unknown") == [None, None]
+async def test_nothing_to_bake_without_a_version(tracker: VersionTracker) -> None:
+    assert await ticks(tracker, [(0.0, True), (6000.0, True)], service="unknown") == [None, None]
 
 
-def test_bake_clock_restarts_after_a_daemon_restart(db: Path) -> None:
+async def test_bake_clock_restarts_after_a_daemon_restart(db: Path) -> None:
     with Store(db) as before:
         tracker = VersionTracker(before)
-        tracker.observe("checkout", answer("1.0"), LABEL, now=0.0)
-        assert ticks(tracker, [(0.0, True), (500.0, True)]) == [None, None]
+        await tracker.observe("checkout", answer("1.0"), LABEL, now=0.0)
+        assert await ticks(tracker, [(0.0, True), (500.0, True)]) == [None, None]
     with Store(db) as after:
         tracker = VersionTracker(after)
         # Down from 500 to 700: nobody saw whether it stayed healthy.
-        tracker.observe("checkout", answer("1.0"), LABEL, now=700.0)
-        assert ticks(tracker, [(700.0, True), (1299.0, True), (1300.0, True)]) == [
+        await tracker.observe("checkout", answer("1.0"), LABEL, now=700.0)
+        assert await ticks(tracker, [(700.0, True), (1299.0, True), (1300.0, True)]) == [
             None,
             None,
             "1.0",
@@ -405,18 +417,18 @@ def test_bake_clock_restarts_after_a_daemon_restart(db: Path) -> None:
 # Last known good
 
 
-def test_last_known_good_excludes_current_and_bad(tracker: VersionTracker) -> None:
-    def release(version: str, at: float, bakes: bool) -> None:
-        tracker.observe("checkout", answer(version), LABEL, now=at)
+async def test_last_known_good_excludes_current_and_bad(tracker: VersionTracker) -> None:
+    async def release(version: str, at: float, bakes: bool) -> None:
+        await tracker.observe("checkout", answer(version), LABEL, now=at)
         if bakes:
-            assert ticks(tracker, [(at, True), (at + 600.0, True)]) == [None, version]
+            assert await ticks(tracker, [(at, True), (at + 600.0, True)]) == [None, version]
 
     assert tracker.last_known_good("checkout") is None
-    release("1.0", 0.0, bakes=True)
+    await release("1.0", 0.0, bakes=True)
     assert tracker.last_known_good("checkout") is None  # the only good one is running
-    release("1.1", 1000.0, bakes=True)
+    await release("1.1", 1000.0, bakes=True)
     assert tracker.last_known_good("checkout") == "1.0"
-    release("1.2", 2000.0, bakes=False)
+    await release("1.2", 2000.0, bakes=False)
     assert tracker.last_known_good("checkout") == "1.1"
-    tracker.mark_bad("checkout", "1.1", "found a data corruption bug")
+    await tracker.mark_bad("checkout", "1.1", "found a data corruption bug")
     assert tracker.last_known_good("checkout") == "1.0"

@@ -8,13 +8,15 @@ never a sleep.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
 import sqlite3
 import subprocess
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Coroutine, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from pathlib import Path
 from types import TracebackType
@@ -23,9 +25,11 @@ from typing import Any, Self
 import httpx
 from prometheus_client import CollectorRegistry
 
-from rollbackd.api.app import ADDRESS_FILE, create_app
+from rollbackd.api.app import create_app
+from rollbackd.api.server import ADDRESS_FILE
 from rollbackd.config.loader import load
 from rollbackd.prometheus import PrometheusClient
+from rollbackd.runtime.control import Control
 from rollbackd.runtime.engine import Engine
 from rollbackd.runtime.pipeline import Pipeline
 from rollbackd.store.sqlite import Store
@@ -77,6 +81,13 @@ matchers = {json.dumps(list(matchers))}
 """
 
 
+def _complete(work: Coroutine[Any, Any, None]) -> None:
+    """Run ``work`` to its end from sync code, whether or not this thread already runs an
+    event loop (an async test's): on a thread, and a loop, of its own."""
+    with ThreadPoolExecutor(max_workers=1) as thread:
+        thread.submit(asyncio.run, work).result()
+
+
 def executions(log: Path) -> list[dict[str, Any]]:
     if not log.exists():
         return []
@@ -120,7 +131,7 @@ class InProcessDaemon:
             return False
 
         self.app = create_app(
-            pipeline=self.pipeline,
+            control=Control(self.pipeline),
             registry=self.registry,
             token=token,
             max_body=max_body,
@@ -136,11 +147,16 @@ class InProcessDaemon:
         )
 
     def release(self, service: str, version: str, *, at: float, bake: bool = True) -> None:
-        """A release as CI records it; with ``bake`` it bakes into the last known good."""
-        self.engine.versions.record_release(service, version, at)
-        if bake:
-            self.engine.versions.update_bake(service, at, True, timedelta(seconds=1))
-            self.engine.versions.update_bake(service, at + 5, True, timedelta(seconds=1))
+        """A release as CI records it; with ``bake`` it bakes into the last known good.
+        Callable from sync code and from async tests alike (the tracker is async)."""
+
+        async def record() -> None:
+            await self.engine.versions.record_release(service, version, at)
+            if bake:
+                await self.engine.versions.update_bake(service, at, True, timedelta(seconds=1))
+                await self.engine.versions.update_bake(service, at + 5, True, timedelta(seconds=1))
+
+        _complete(record())
 
     def close(self) -> None:
         self.store.close()

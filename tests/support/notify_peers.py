@@ -37,6 +37,7 @@ from rollbackd.checks.judge import Baseline, Measurement
 from rollbackd.config.settings import LogFormat
 from rollbackd.core.model import Event, JSONValue
 from rollbackd.core.samples import Verdict
+from rollbackd.logs import configure
 from rollbackd.notify.base import NotifierSpec
 from rollbackd.notify.dispatcher import RetryPolicy
 from rollbackd.notify.grafana import GrafanaNotifier
@@ -44,7 +45,6 @@ from rollbackd.notify.pagerduty import PagerDutyNotifier
 from rollbackd.notify.slack import SlackNotifier
 from rollbackd.notify.webhook import WebhookNotifier
 from rollbackd.runtime.engine import Firing
-from rollbackd.runtime.logs import configure
 from rollbackd.runtime.pipeline import Trigger
 from support.hostile_http import CLOSE as CLOSE
 from support.hostile_http import HungServer as HungServer

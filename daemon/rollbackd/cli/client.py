@@ -22,8 +22,8 @@ from urllib.parse import quote
 import httpx
 from pydantic import ValidationError
 
-from rollbackd.config.secrets import SecretError, read_secret
-from rollbackd.config.settings import Config, ServerSection
+from rollbackd.config.secrets import SecretError, read_api_token, read_secret
+from rollbackd.config.settings import Config
 
 ADDRESS_FILE = "api.address"
 """As ``server.ADDRESS_FILE``."""
@@ -36,13 +36,6 @@ class ClientError(Exception):
     def __init__(self, message: str, status: int | None = None) -> None:
         super().__init__(message)
         self.status = status
-
-
-def read_api_token(server: ServerSection) -> str:
-    """The API token as the daemon reads it. ``token_file`` has a default, so a config
-    that sets only ``token_env`` means the environment."""
-    use_env = server.token_env is not None and "token_file" not in server.model_fields_set
-    return read_secret(None if use_env else server.token_file, server.token_env, "API token")
 
 
 @dataclass(frozen=True)

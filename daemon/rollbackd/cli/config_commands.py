@@ -15,8 +15,8 @@ from rollbackd.cli.replay import replay
 from rollbackd.cli.timeparse import format_time, parse_time
 from rollbackd.config.loader import LoadedConfig, Problem, Service, display_path, validate
 from rollbackd.config.settings import LogFormat
+from rollbackd.logs import configure as configure_logs
 from rollbackd.prometheus import PrometheusClient, PrometheusError
-from rollbackd.runtime.logs import configure as configure_logs
 
 DEFAULT_CONFIG = "/etc/rollbackd/config.toml"
 
@@ -131,7 +131,7 @@ def table(rows: list[list[str]], indent: str = "  ") -> str:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from rollbackd.runtime.daemon import run
+    from rollbackd.daemon import run
 
     return run(Path(args.config))
 

@@ -19,6 +19,7 @@ from rollbackd.config.loader import LoadedConfig, Service
 from rollbackd.prometheus import PrometheusClient
 from rollbackd.runtime.engine import Engine
 from rollbackd.store.sqlite import Store
+from rollbackd.store.writer import writer_for
 
 
 @dataclass(frozen=True)
@@ -78,4 +79,5 @@ async def evaluate_once(
                 )
             return passes
         finally:
+            writer_for(store).close()
             store.close()

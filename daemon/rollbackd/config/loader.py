@@ -75,6 +75,14 @@ class LoadedConfig:
     config: Config
     services: dict[str, Service] = field(default_factory=dict)
 
+    @property
+    def state_dir(self) -> Path:
+        """``[daemon] state_dir``, relative to the config file's directory."""
+        state_dir = Path(self.config.daemon.state_dir)
+        if not state_dir.is_absolute():
+            state_dir = self.path.resolve().parent / state_dir
+        return state_dir
+
 
 def field_path(loc: tuple[int | str, ...]) -> str:
     """``('check', 1, 'latency', 'above')`` -> ``check[2].above`` (indexes count from 1,

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from rollbackd.config.settings import ServerSection
 
 
 class SecretError(Exception):
@@ -25,3 +29,10 @@ def read_secret(file: str | None, env: str | None, what: str) -> str:
             raise SecretError(f"{what}: environment variable {env} is not set")
         return value
     raise SecretError(f"{what}: no file or environment variable configured")
+
+
+def read_api_token(server: ServerSection) -> str:
+    """The API token as the daemon reads it. ``token_file`` has a default, so a config
+    that sets only ``token_env`` means the environment."""
+    use_env = server.token_env is not None and "token_file" not in server.model_fields_set
+    return read_secret(None if use_env else server.token_file, server.token_env, "API token")

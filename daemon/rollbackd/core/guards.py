@@ -7,6 +7,7 @@ and the engine; nothing here does I/O or reads a clock.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from enum import StrEnum
@@ -102,120 +103,146 @@ def lapses(decision: Decision) -> bool:
     return all(g.passed or g.guard in LAPSING_GUARDS for g in decision.guards)
 
 
-def decide(f: GuardFacts) -> Decision:
-    results: list[GuardResult] = []
-
-    def record(guard: str, passed: bool, reason: str) -> None:
-        results.append(GuardResult(guard, passed, reason))
-
+def _one_in_flight(f: GuardFacts) -> GuardResult:
     if f.in_flight is not None:
-        record("one_in_flight", False, f"rollback {f.in_flight} of this service is in flight")
-    else:
-        record("one_in_flight", True, "no other rollback of this service in flight")
+        return GuardResult(
+            "one_in_flight", False, f"rollback {f.in_flight} of this service is in flight"
+        )
+    return GuardResult("one_in_flight", True, "no other rollback of this service in flight")
 
+
+def _paused(f: GuardFacts) -> GuardResult:
     if not f.automatic:
-        record("paused", True, "requested by a person")
-    elif f.paused:
-        record("paused", False, "automatic rollbacks are paused for this service")
-    else:
-        record("paused", True, "not paused")
+        return GuardResult("paused", True, "requested by a person")
+    if f.paused:
+        return GuardResult("paused", False, "automatic rollbacks are paused for this service")
+    return GuardResult("paused", True, "not paused")
 
+
+def _frozen(f: GuardFacts) -> GuardResult:
     if f.frozen and f.automatic:
-        record("frozen", False, f"the service is frozen: {f.frozen_reason or 'no reason given'}")
-    else:
-        record("frozen", True, "not frozen" if not f.frozen else "frozen, but a person asked")
+        reason = f"the service is frozen: {f.frozen_reason or 'no reason given'}"
+        return GuardResult("frozen", False, reason)
+    return GuardResult(
+        "frozen", True, "not frozen" if not f.frozen else "frozen, but a person asked"
+    )
 
+
+def _rollback_window(f: GuardFacts) -> GuardResult:
     window = format_duration(f.rollback_window)
     if not f.automatic:
-        record("rollback_window", True, "requested by a person")
-    elif f.current_since is None:
-        record("rollback_window", True, "when the current version went live is unknown")
-    elif f.now - f.current_since > f.rollback_window.total_seconds():
-        record(
+        return GuardResult("rollback_window", True, "requested by a person")
+    if f.current_since is None:
+        return GuardResult("rollback_window", True, "when the current version went live is unknown")
+    ago = _ago(f.now, f.current_since)
+    if f.now - f.current_since > f.rollback_window.total_seconds():
+        return GuardResult(
             "rollback_window",
             False,
-            f"{f.current_version} went live {_ago(f.now, f.current_since)} ago, outside "
-            f"rollback_window {window}",
+            f"{f.current_version} went live {ago} ago, outside rollback_window {window}",
         )
-    else:
-        record(
-            "rollback_window",
-            True,
-            f"{f.current_version} went live {_ago(f.now, f.current_since)} ago, within {window}",
-        )
+    return GuardResult(
+        "rollback_window", True, f"{f.current_version} went live {ago} ago, within {window}"
+    )
 
+
+def _breach_after_release(f: GuardFacts) -> GuardResult:
     if not f.automatic or f.breach_started is None or f.current_since is None:
-        record("breach_after_release", True, "no breach start to compare")
-    elif f.breach_started < f.current_since - f.version_lag.total_seconds():
-        record(
+        return GuardResult("breach_after_release", True, "no breach start to compare")
+    if f.breach_started < f.current_since - f.version_lag.total_seconds():
+        return GuardResult(
             "breach_after_release",
             False,
             f"the breach started {_ago(f.current_since, f.breach_started)} before "
             f"{f.current_version} went live: this release did not cause it",
         )
-    else:
-        record(
-            "breach_after_release", True, f"the breach started after {f.current_version} went live"
-        )
+    return GuardResult(
+        "breach_after_release", True, f"the breach started after {f.current_version} went live"
+    )
 
+
+def _cooldown(f: GuardFacts) -> GuardResult:
     cooldown = format_duration(f.cooldown)
     if not f.automatic or f.last_rollback_at is None:
-        record(
+        return GuardResult(
             "cooldown",
             True,
             "no recent automatic rollback" if f.automatic else "requested by a person",
         )
-    elif f.now - f.last_rollback_at < f.cooldown.total_seconds():
-        record(
+    if f.now - f.last_rollback_at < f.cooldown.total_seconds():
+        return GuardResult(
             "cooldown",
             False,
             f"the last automatic rollback started {_ago(f.now, f.last_rollback_at)} ago, "
             f"within cooldown {cooldown}",
         )
-    else:
-        record("cooldown", True, f"the last automatic rollback was over {cooldown} ago")
+    return GuardResult("cooldown", True, f"the last automatic rollback was over {cooldown} ago")
 
-    freeze = False
+
+def _max_rollbacks(f: GuardFacts) -> GuardResult:
+    window = format_duration(f.window)
     if f.automatic and f.rollbacks_in_window >= f.max_rollbacks:
-        freeze = True
-        record(
+        return GuardResult(
             "max_rollbacks",
             False,
-            f"{f.rollbacks_in_window} rollbacks in the last {format_duration(f.window)} "
+            f"{f.rollbacks_in_window} rollbacks in the last {window} "
             f"(max_rollbacks {f.max_rollbacks}): freezing the service",
         )
-    else:
-        record(
-            "max_rollbacks",
-            True,
-            f"{f.rollbacks_in_window} of {f.max_rollbacks} rollbacks in the last "
-            f"{format_duration(f.window)}",
-        )
+    return GuardResult(
+        "max_rollbacks",
+        True,
+        f"{f.rollbacks_in_window} of {f.max_rollbacks} rollbacks in the last {window}",
+    )
 
+
+def _target(f: GuardFacts) -> GuardResult:
     if f.target is not None:
-        record("target", True, f"target {f.target} ({f.target_source})")
-    elif f.canary_abort:
-        record(
+        return GuardResult("target", True, f"target {f.target} ({f.target_source})")
+    if f.canary_abort:
+        return GuardResult(
             "target",
             True,
             f"no target version ({f.target_source}); aborting the canary in progress needs none",
         )
-    elif not f.chain_needs_target:
-        record("target", True, f"no target version ({f.target_source}); the executors need none")
-    else:
-        record("target", False, f"no version to roll back to: {f.target_source}")
+    if not f.chain_needs_target:
+        return GuardResult(
+            "target", True, f"no target version ({f.target_source}); the executors need none"
+        )
+    return GuardResult("target", False, f"no version to roll back to: {f.target_source}")
 
-    refused = any(not r.passed for r in results)
+
+_GUARDS: tuple[Callable[[GuardFacts], GuardResult], ...] = (
+    _one_in_flight,
+    _paused,
+    _frozen,
+    _rollback_window,
+    _breach_after_release,
+    _cooldown,
+    _max_rollbacks,
+    _target,
+)
+"""In the order they are recorded; the first that refuses gives the decision's reason."""
+
+
+def _mode(f: GuardFacts, refused: bool) -> tuple[Outcome, GuardResult]:
+    """What the mode makes of the guards' verdict; recorded last, and always passing."""
     if refused:
-        outcome = Outcome.REFUSE
-        record("mode", True, f"mode {f.mode.value}")
-    elif f.mode is Mode.DRY_RUN:
-        outcome = Outcome.DRY_RUN
-        record("mode", True, "dry-run: recorded and announced, not executed")
-    elif f.mode is Mode.APPROVE and f.automatic:
-        outcome = Outcome.AWAIT_APPROVAL
-        record("mode", True, "approve: waiting for a person")
-    else:
-        outcome = Outcome.EXECUTE
-        record("mode", True, "auto" if f.automatic else f"{f.mode.value}: requested by a person")
-    return Decision(outcome, tuple(results), freeze=freeze and refused)
+        return Outcome.REFUSE, GuardResult("mode", True, f"mode {f.mode.value}")
+    if f.mode is Mode.DRY_RUN:
+        return Outcome.DRY_RUN, GuardResult(
+            "mode", True, "dry-run: recorded and announced, not executed"
+        )
+    if f.mode is Mode.APPROVE and f.automatic:
+        return Outcome.AWAIT_APPROVAL, GuardResult("mode", True, "approve: waiting for a person")
+    return Outcome.EXECUTE, GuardResult(
+        "mode", True, "auto" if f.automatic else f"{f.mode.value}: requested by a person"
+    )
+
+
+def decide(f: GuardFacts) -> Decision:
+    results = [guard(f) for guard in _GUARDS]
+    refused = any(not r.passed for r in results)
+    outcome, mode = _mode(f, refused)
+    # Refused by max_rollbacks: the service is to be frozen and people paged.
+    freeze = any(r.guard == "max_rollbacks" and not r.passed for r in results)
+    return Decision(outcome, (*results, mode), freeze=freeze)

@@ -17,8 +17,8 @@ from pydantic import model_validator
 
 from rollbackd.config.strict import Strict
 from rollbackd.core.durations import Duration
+from rollbackd.core.version_names import is_valid_version
 from rollbackd.executors.placeholders import check_templates
-from rollbackd.runtime.versions import is_valid_version
 
 
 class ExecutorSpec(Strict):

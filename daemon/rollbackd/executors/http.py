@@ -164,107 +164,142 @@ class HttpRun(Executor[HttpExecutor]):
             context.check()
         except UnsafeValueError as exc:
             return StepResult(ok=False, summary=f"refused: {exc}; nothing was sent")
-        values = context.placeholders()
-        # Each value is quoted whole: a reason holding "/", "?", "&" or "#" cannot change
-        # which path or parameter the URL (or a form body) names.
-        quoted = {key: quote(value, safe="") for key, value in values.items()}
-        url = substitute(spec.url, quoted)
-        command = (spec.method, redact_url(url))
-
-        def failed(summary: str, *, timed_out: bool = False, body: str = "") -> StepResult:
-            return StepResult(
-                ok=False,
-                summary=summary,
-                stdout_tail=body,
-                duration=time.monotonic() - started,
-                timed_out=timed_out,
-                command=command,
-            )
-
-        # A line break in a header value would end the header (and h11 refuses it anyway);
-        # a reason is free text, so its control characters become spaces.
-        header_values = {key: _CONTROL.sub(" ", value) for key, value in values.items()}
-        headers: list[tuple[bytes, bytes]] = [
-            (name.encode("utf-8"), substitute(value, header_values).encode("utf-8"))
-            for name, value in spec.headers.items()
-        ]
-        content: bytes | None = None
-        if spec.body is not None:
-            if _is_form(spec.headers):
-                content = substitute(spec.body, quoted).encode("utf-8")
-            elif _looks_like_json(spec.body, spec.headers):
-                content = substitute_json(spec.body, values).encode("utf-8")
-                if not _has_header(headers, b"content-type"):
-                    headers.append((b"Content-Type", b"application/json"))
-            else:
-                content = substitute(spec.body, values).encode("utf-8")
-        token: str | None = None
+        request = _build_request(spec, context.placeholders())
+        exchange = _Exchange(spec, request, started, self.backoff)
         if spec.bearer_token_file or spec.bearer_token_env:
             try:
                 token = read_secret(spec.bearer_token_file, spec.bearer_token_env, "bearer token")
             except SecretError as exc:
-                return failed(f"{exc}; nothing was sent")
-            headers = [(k, v) for k, v in headers if k.lower() != b"authorization"]
-            headers.append((b"Authorization", f"Bearer {token}".encode()))
+                return exchange.failed(f"{exc}; nothing was sent")
+            exchange.authorize(token)
+        return await exchange.send()
 
-        def scrub(text: str) -> str:
-            # A server may echo the request back, Authorization header included.
-            return text.replace(token, _REDACTED) if token else text
 
-        timeout = spec.timeout.total_seconds()
-        attempts = 0
-        budget = f"timed out after {format_seconds(timeout)}"
+@dataclass(frozen=True)
+class _Request:
+    url: str
+    headers: list[tuple[bytes, bytes]]
+    content: bytes | None
 
-        async def attempt(client: httpx.AsyncClient) -> _Answer:
-            nonlocal attempts
-            attempts += 1
-            remaining = max(timeout - (time.monotonic() - started), 0.001)
-            async with client.stream(
-                spec.method, url, headers=headers, content=content, timeout=remaining
-            ) as response:
-                tail = bytearray()
-                async for chunk in response.aiter_bytes():
-                    tail += chunk
-                    if len(tail) > DEFAULT_TAIL_BYTES:
-                        del tail[: len(tail) - DEFAULT_TAIL_BYTES]
-                answer = _Answer(
-                    response.status_code, scrub(bytes(tail).decode("utf-8", errors="replace"))
-                )
-            if _worth_retrying(answer.status) and answer.status not in spec.expect_status:
-                raise _RetryableStatus(answer)
-            return answer
 
+def _build_request(spec: HttpExecutor, values: Mapping[str, str]) -> _Request:
+    # Each value is quoted whole: a reason holding "/", "?", "&" or "#" cannot change
+    # which path or parameter the URL (or a form body) names.
+    quoted = {key: quote(value, safe="") for key, value in values.items()}
+    url = substitute(spec.url, quoted)
+    # A line break in a header value would end the header (and h11 refuses it anyway);
+    # a reason is free text, so its control characters become spaces.
+    header_values = {key: _CONTROL.sub(" ", value) for key, value in values.items()}
+    headers: list[tuple[bytes, bytes]] = [
+        (name.encode("utf-8"), substitute(value, header_values).encode("utf-8"))
+        for name, value in spec.headers.items()
+    ]
+    content: bytes | None = None
+    if spec.body is not None:
+        if _is_form(spec.headers):
+            content = substitute(spec.body, quoted).encode("utf-8")
+        elif _looks_like_json(spec.body, spec.headers):
+            content = substitute_json(spec.body, values).encode("utf-8")
+            if not _has_header(headers, b"content-type"):
+                headers.append((b"Content-Type", b"application/json"))
+        else:
+            content = substitute(spec.body, values).encode("utf-8")
+    return _Request(url, headers, content)
+
+
+class _Exchange:
+    """One run's request, its attempts, and the step result they come to."""
+
+    def __init__(
+        self, spec: HttpExecutor, request: _Request, started: float, backoff: float
+    ) -> None:
+        self.spec = spec
+        self.request = request
+        self.started = started
+        self.backoff = backoff
+        self.headers = list(request.headers)
+        self.token: str | None = None
+        self.attempts = 0
+        self.timeout = spec.timeout.total_seconds()
+        self.command = (spec.method, redact_url(request.url))
+
+    def authorize(self, token: str) -> None:
+        self.token = token
+        self.headers = [(k, v) for k, v in self.headers if k.lower() != b"authorization"]
+        self.headers.append((b"Authorization", f"Bearer {token}".encode()))
+
+    def scrub(self, text: str) -> str:
+        # A server may echo the request back, Authorization header included.
+        return text.replace(self.token, _REDACTED) if self.token else text
+
+    def failed(self, summary: str, *, timed_out: bool = False, body: str = "") -> StepResult:
+        return StepResult(
+            ok=False,
+            summary=summary,
+            stdout_tail=body,
+            duration=time.monotonic() - self.started,
+            timed_out=timed_out,
+            command=self.command,
+        )
+
+    def after(self, summary: str) -> str:
+        return f"{summary} after {self.attempts} attempts" if self.attempts > 1 else summary
+
+    async def attempt(self, client: httpx.AsyncClient) -> _Answer:
+        self.attempts += 1
+        remaining = max(self.timeout - (time.monotonic() - self.started), 0.001)
+        async with client.stream(
+            self.spec.method,
+            self.request.url,
+            headers=self.headers,
+            content=self.request.content,
+            timeout=remaining,
+        ) as response:
+            tail = bytearray()
+            async for chunk in response.aiter_bytes():
+                tail += chunk
+                if len(tail) > DEFAULT_TAIL_BYTES:
+                    del tail[: len(tail) - DEFAULT_TAIL_BYTES]
+            answer = _Answer(
+                response.status_code, self.scrub(bytes(tail).decode("utf-8", errors="replace"))
+            )
+        if _worth_retrying(answer.status) and answer.status not in self.spec.expect_status:
+            raise _RetryableStatus(answer)
+        return answer
+
+    async def send(self) -> StepResult:
+        spec = self.spec
         retrying = AsyncRetrying(
             # Stop early rather than start a wait the timeout would cut short: the last real
             # answer or error says more than "timed out".
             stop=stop_after_attempt(1 + spec.retries if spec.may_retry() else 1)
-            | stop_before_delay(timeout),
+            | stop_before_delay(self.timeout),
             wait=wait_exponential(multiplier=self.backoff, max=_MAX_BACKOFF),
             retry=retry_if_exception_type((httpx.TransportError, _RetryableStatus)),
             reraise=True,
         )
-
-        def after(summary: str) -> str:
-            return f"{summary} after {attempts} attempts" if attempts > 1 else summary
-
         answer: _Answer
         try:
             async with (
-                asyncio.timeout(timeout),
+                asyncio.timeout(self.timeout),
                 httpx.AsyncClient(follow_redirects=False) as client,
             ):
-                answer = await retrying(attempt, client)
+                answer = await retrying(self.attempt, client)
         except _RetryableStatus as exc:
             answer = exc.answer
         except (TimeoutError, httpx.TimeoutException):
-            tries = f" ({attempts} attempts)" if attempts > 1 else ""
-            return failed(budget + tries, timed_out=True)
+            tries = f" ({self.attempts} attempts)" if self.attempts > 1 else ""
+            budget = f"timed out after {format_seconds(self.timeout)}"
+            return self.failed(budget + tries, timed_out=True)
         except httpx.TransportError as exc:
-            return failed(after(f"request failed: {scrub(_describe_error(exc))}"))
+            return self.failed(self.after(f"request failed: {self.scrub(_describe_error(exc))}"))
         except (httpx.HTTPError, httpx.InvalidURL, ValueError) as exc:
             # Bad URL after substitution, unsupported scheme and the like: nothing was sent.
-            return failed(f"cannot send request: {scrub(_describe_error(exc))}")
+            return self.failed(f"cannot send request: {self.scrub(_describe_error(exc))}")
+        return self.result(answer)
 
+    def result(self, answer: _Answer) -> StepResult:
+        spec = self.spec
         ok = (
             answer.status in spec.expect_status
             if spec.expect_status
@@ -275,10 +310,10 @@ class HttpRun(Executor[HttpExecutor]):
             summary += f"; expected {', '.join(str(s) for s in spec.expect_status)}"
         return StepResult(
             ok=ok,
-            summary=after(summary),
+            summary=self.after(summary),
             stdout_tail=answer.body_tail,
-            duration=time.monotonic() - started,
-            command=command,
+            duration=time.monotonic() - self.started,
+            command=self.command,
         )
 
 

@@ -243,6 +243,22 @@ def _start_error(exc: OSError | ValueError, argv: tuple[str, ...], cwd: str | No
     return f"cannot run {argv[0]}: {exc.strerror or exc}"
 
 
+async def _stop_group(pgid: int, protocol: _TailProtocol, kill_grace: float) -> None:
+    """SIGTERM to the whole group, then SIGKILL to what is left after ``kill_grace``."""
+    _signal_group(pgid, signal.SIGTERM)
+    grace_end = time.monotonic() + kill_grace
+    # The leader may die on SIGTERM while a child that ignores it carries on, so the
+    # grace is over only when the whole group is gone (all pipes closed first: cheap
+    # to wait for, and the usual case).
+    await _within(protocol.closed, kill_grace)
+    if not await _group_gone(pgid, grace_end - time.monotonic()):
+        _signal_group(pgid, signal.SIGKILL)
+        # Signals are delivered asynchronously: wait, so that on return the whole
+        # group is gone (or stuck in the kernel, which no signal can help).
+        await _within(protocol.exited, _REAP_WAIT)
+        await _group_gone(pgid, _REAP_WAIT)
+
+
 async def run_process(
     argv: Sequence[str],
     *,
@@ -306,18 +322,7 @@ async def run_process(
     try:
         if not await _within(protocol.exited, timeout - (time.monotonic() - started)):
             timed_out = True
-            _signal_group(pgid, signal.SIGTERM)
-            grace_end = time.monotonic() + kill_grace
-            # The leader may die on SIGTERM while a child that ignores it carries on, so the
-            # grace is over only when the whole group is gone (all pipes closed first: cheap
-            # to wait for, and the usual case).
-            await _within(protocol.closed, kill_grace)
-            if not await _group_gone(pgid, grace_end - time.monotonic()):
-                _signal_group(pgid, signal.SIGKILL)
-                # Signals are delivered asynchronously: wait, so that on return the whole
-                # group is gone (or stuck in the kernel, which no signal can help).
-                await _within(protocol.exited, _REAP_WAIT)
-                await _group_gone(pgid, _REAP_WAIT)
+            await _stop_group(pgid, protocol, kill_grace)
         await _within(protocol.closed, pipe_grace)
         return finish(transport.get_returncode(), protocol, timed_out=timed_out)
     except asyncio.CancelledError:

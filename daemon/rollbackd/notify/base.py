@@ -17,7 +17,7 @@ Errors::
 Every text a sender puts into an error passes through its :class:`Redactor`, which knows the
 secrets (webhook URLs, routing keys, tokens, passwords) it was built with.
 
-Nothing here may import ``rollbackd.runtime.logs`` or ``rollbackd.config.settings``: the
+Nothing here may import ``rollbackd.logs`` or ``rollbackd.config.settings``: the
 config module imports this package to know the notifier specs.
 """
 

@@ -35,7 +35,7 @@ import time
 import traceback
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import httpx
 from prometheus_client import CollectorRegistry, Counter, Gauge
@@ -51,6 +51,7 @@ from tenacity import (
 
 from rollbackd.config.secrets import SecretError
 from rollbackd.core.model import Event
+from rollbackd.logs import get_logger
 from rollbackd.notify.base import (
     BuildContext,
     DeliveryError,
@@ -59,10 +60,13 @@ from rollbackd.notify.base import (
     default_http_client,
 )
 from rollbackd.notify.content import Message, build_message, fallback_message
-from rollbackd.runtime.logs import get_logger
 
-if TYPE_CHECKING:
-    from rollbackd.runtime.bus import EventBus
+
+class EventSource(Protocol):
+    """What the dispatcher subscribes to: the event bus (``runtime/bus.py``)."""
+
+    def subscribe(self, subscriber: Callable[[Event], None]) -> None: ...
+
 
 log = get_logger("rollbackd.notify")
 
@@ -178,7 +182,7 @@ class Dispatcher:
 
     # -- lifecycle ------------------------------------------------------------------
 
-    def subscribe(self, bus: EventBus) -> None:
+    def subscribe(self, bus: EventSource) -> None:
         bus.subscribe(self.on_event)
 
     def start(self) -> None:

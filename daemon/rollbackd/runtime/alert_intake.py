@@ -22,11 +22,12 @@ from datetime import UTC, datetime
 from rollbackd.config.loader import LoadedConfig
 from rollbackd.core.matchers import LabelMatcher, parse_matchers
 from rollbackd.core.model import AlertDraft, StoredAlert
-from rollbackd.runtime.logs import get_logger
-from rollbackd.runtime.pipeline import Pipeline, Trigger, UnknownService
+from rollbackd.logs import get_logger
+from rollbackd.runtime.control import Control
+from rollbackd.runtime.triggers import Trigger, UnknownService
 from rollbackd.store.errors import StoreError
 
-log = get_logger("rollbackd.runtime.alert_intake")
+log = get_logger("rollbackd.alerts")
 
 
 @dataclass(frozen=True)
@@ -114,18 +115,18 @@ def _end(at: datetime | None) -> float | None:
 
 class AlertReceiver:
     """Records each delivery, then hands every matched firing alert not yet handed over to
-    the pipeline, as a firing check would be."""
+    the pipeline, as a firing check would be. It reaches the daemon through ``control``
+    only: the store and the pipeline are the facade's to call."""
 
     def __init__(
         self,
-        pipeline: Pipeline,
+        control: Control,
         *,
         clock: Callable[[], float] = time.time,
         counted: Callable[[StoredAlert, bool], None] | None = None,
     ) -> None:
-        self.pipeline = pipeline
-        self.store = pipeline.store
-        self.router = AlertRouter(lambda: pipeline.engine.loaded)
+        self.control = control
+        self.router = AlertRouter(lambda: control.loaded)
         self.clock = clock
         self._counted = counted
         # One delivery at a time: two concurrent deliveries of one alert (two routes with
@@ -169,7 +170,7 @@ class AlertReceiver:
         async with self._lock:
             now = self.clock()
             drafts = [self.draft(delivery, alert) for alert in delivery.alerts]
-            stored = await asyncio.to_thread(self.store.record_alerts, drafts, now)
+            stored = await self.control.record_alerts(drafts, now)
             results: list[AlertResult] = []
             for alert, new in stored:
                 if self._counted is not None:
@@ -185,7 +186,7 @@ class AlertReceiver:
         trigger = Trigger.from_alert(alert, now)
         rollback_id: int | None = None
         try:
-            submission = await self.pipeline.submit(trigger)
+            submission = await self.control.submit(trigger)
         except UnknownService:
             outcome = f"service {service!r} is no longer configured: nothing done"
         else:
@@ -203,5 +204,5 @@ class AlertReceiver:
             outcome=outcome,
             rollback_id=rollback_id,
         )
-        await asyncio.to_thread(self.store.set_alert_handled, alert.id, now, outcome, rollback_id)
+        await self.control.set_alert_handled(alert.id, now, outcome, rollback_id)
         return replace(alert, handled_at=now, outcome=outcome, rollback_id=rollback_id)

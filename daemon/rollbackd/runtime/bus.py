@@ -6,10 +6,11 @@ from collections.abc import Callable, Mapping
 from dataclasses import replace
 
 from rollbackd.core.model import Event, JSONValue
-from rollbackd.runtime.logs import get_logger
-from rollbackd.store.sqlite import Store
+from rollbackd.logs import get_logger
+from rollbackd.store.interfaces import StateStore
+from rollbackd.store.writer import writer_for
 
-log = get_logger("rollbackd.core.events")
+log = get_logger("rollbackd.events")
 
 
 class EventBus:
@@ -17,14 +18,14 @@ class EventBus:
     anything else), then to the log, then to the subscribers (notifiers), which must not
     block — they queue."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: StateStore) -> None:
         self.store = store
         self._subscribers: list[Callable[[Event], None]] = []
 
     def subscribe(self, subscriber: Callable[[Event], None]) -> None:
         self._subscribers.append(subscriber)
 
-    def publish(
+    async def publish(
         self,
         kind: str,
         at: float,
@@ -33,8 +34,10 @@ class EventBus:
         rollback_id: int | None = None,
         data: Mapping[str, JSONValue] | None = None,
     ) -> Event:
+        """Record the event (on the store's writer thread, so a slow disk never stalls the
+        loop), log it, then hand it to the subscribers."""
         event = Event(type=kind, at=at, service=service, rollback_id=rollback_id, data=data or {})
-        event_id = self.store.add_event(event)
+        event_id = await writer_for(self.store).add_event(event)
         stored = replace(event, id=event_id)
         log.info(kind, service=service, rollback_id=rollback_id)
         for subscriber in self._subscribers:

@@ -1,6 +1,7 @@
 """Runs the engine on a schedule: one APScheduler job per check (or per batch of checks that
 share one query, see ``batching.py``), one per service for its version and canary, each at
-its own interval with a jittered start.
+its own interval with a jittered start. Each job goes through the ``Runner``, which hands
+what fires to the pipeline.
 
 ``max_instances=1`` means a check never runs twice at once; a run that comes due while the
 previous still runs is skipped and counted as an overrun. ``coalesce=True`` turns a backlog
@@ -29,10 +30,10 @@ from apscheduler.triggers.interval import IntervalTrigger
 from rollbackd.checks.base import CheckSpec
 from rollbackd.checks.batching import Batch
 from rollbackd.config.loader import LoadedConfig, Service
-from rollbackd.runtime.engine import Engine
-from rollbackd.runtime.logs import get_logger
+from rollbackd.logs import get_logger
+from rollbackd.runtime.runner import Runner
 
-log = get_logger("rollbackd.runtime.scheduler")
+log = get_logger("rollbackd.scheduler")
 
 
 def check_job_id(service: str, check: str) -> str:
@@ -47,8 +48,9 @@ _KINDS = ("check", "batch", "service")
 
 
 class Scheduler:
-    def __init__(self, engine: Engine, *, rng: random.Random | None = None) -> None:
-        self.engine = engine
+    def __init__(self, runner: Runner, *, rng: random.Random | None = None) -> None:
+        self.runner = runner
+        self.engine = runner.engine
         self._rng = rng or random.Random()  # noqa: S311 (jitter, not security)
         self._scheduler = AsyncIOScheduler(timezone=UTC)
         self._scheduler.add_listener(
@@ -152,17 +154,15 @@ class Scheduler:
         )
 
     async def _run_check(self, service: Service, check: CheckSpec) -> None:
-        await self.engine.run_check(service, check, time.time())
+        await self.runner.run_check(service, check, time.time())
 
     async def _run_batch(self, batch_id: str) -> None:
         batch = self.engine.plan.batches.get(batch_id)
         if batch is not None:  # else a reload has just replaced it
-            await self.engine.run_batch(batch, time.time())
+            await self.runner.run_batch(batch, time.time())
 
     async def _run_service(self, service: Service) -> None:
-        now = time.time()
-        await self.engine.observe_service(service, now)
-        await self.engine.bake(service, now)
+        await self.runner.run_service(service, time.time())
 
     def _on_job_event(self, event: JobEvent) -> None:
         kind = event.job_id.split(":", 1)[0]

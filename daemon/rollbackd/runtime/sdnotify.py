@@ -12,9 +12,9 @@ import os
 import socket
 import time
 
-from rollbackd.runtime.logs import get_logger
+from rollbackd.logs import get_logger
 
-log = get_logger("rollbackd.runtime.sdnotify")
+log = get_logger("rollbackd.sdnotify")
 
 
 class SystemdNotifier:

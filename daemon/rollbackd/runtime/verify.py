@@ -112,8 +112,7 @@ class Verifier:
         if rules.service.version_query and to_version is not None:
             deadline = called + rules.verify.version_timeout.total_seconds()
             while True:
-                await self.engine.observe_service(service, self.clock())
-                current = self.engine.versions.current(service.name)
+                current = await self.engine.read_running_version(service, self.clock())
                 if current == to_version:
                     break
                 if self.clock() >= deadline:
@@ -149,9 +148,11 @@ class Verifier:
         while True:
             now = self.clock()
             cap = window_cap(switched, now)
-            await self.engine.observe_service(service, now)
+            running = await self._running(service, to_version, now)
             for check in checks:
-                measurements = await self.engine.evaluate(service, check, now, window_cap=cap)
+                measurements = await self.engine.evaluate(
+                    service, check, now, window_cap=cap, version=running
+                )
                 errored = [m for m in measurements if m.verdict is Verdict.ERROR and not m.labels]
                 seen[check.name].saw(measurements, bool(errored))
                 outcome: Errored | Judged = (
@@ -185,6 +186,15 @@ class Verifier:
             late = f"data after the switch came {judged - window:.0f}s after the window"
             return VerifyResult(True, f"{result.reason} ({late})")
         return result
+
+    async def _running(self, service: Service, to_version: str | None, now: float) -> str | None:
+        """The version judged as running: the one version_query answers now (read, not
+        recorded: the daemon's own polls record it), else the target, else the version
+        the daemon tracks."""
+        running = await self.engine.read_running_version(service, now)
+        if running is None:
+            running = to_version if service.rules.service.version_query else None
+        return running or self.engine.versions.current(service.name)
 
 
 def _policy(check: CheckSpec, cap: timedelta) -> Policy:

@@ -14,39 +14,30 @@ another of the new one, and each release can be rolled back once.
 
 from __future__ import annotations
 
+import asyncio
 import math
-import re
-import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 
 from rollbackd.core.model import VersionSource
 from rollbackd.core.samples import Sample
+from rollbackd.core.version_names import is_valid_version
 from rollbackd.runtime.bake_evidence import Judgement
-from rollbackd.store.sqlite import Store
-
-VERSION_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}")
-"""A version: starts with a letter or digit, then letters, digits and ``. _ + -``, at most
-128 characters. No slashes, spaces, quotes or braces: it becomes part of argv, URLs,
-paths (``versions/<to_version>``) and placeholders."""
-
+from rollbackd.store.interfaces import StateStore
+from rollbackd.store.writer import writer_for
 
 TOUCH_FLUSH_EVERY = 5.0
 """Seconds between writes of ``last_seen``: the sightings of every service in between go in
-one transaction. Written per sighting, it was one fsync per service per interval on the
-event loop (``synchronous=FULL``): at 2,000 services a third of the loop's time."""
+one transaction. Written per sighting, it was one fsync per service per interval
+(``synchronous=FULL``): at 2,000 services a third of the event loop's time, when the store
+was written from the loop."""
 
 
 ABSENCE_GRACE = 15.0
 """Seconds the current version may be missing from answers that name other versions before
 one of those (already known) takes over: one default poll of version_query. The engine
 passes the service's own poll interval."""
-
-
-def is_valid_version(text: str) -> bool:
-    # fullmatch, not match with "$": "$" also matches before a trailing newline.
-    return VERSION_PATTERN.fullmatch(text) is not None
 
 
 def _shown(text: str) -> str:
@@ -192,13 +183,18 @@ class VersionTracker:
     """Keeps each service's current version in the store. Create one per daemon process
     and keep it for the process's life: it remembers which services it has read since
     start, which is how a change made while the daemon was down is told apart from a
-    release it saw happen. Thread-safe."""
+    release it saw happen.
 
-    def __init__(self, store: Store) -> None:
+    Runs on the event loop: reads are direct store calls, writes go through the store's
+    writer thread (``store/writer.py``) and are awaited."""
+
+    def __init__(self, store: StateStore) -> None:
         self._store = store
-        # One tracker call is several store calls (read, decide, write); the lock makes
-        # them one step, so the loop and an API thread cannot interleave a change.
-        self._lock = threading.Lock()
+        self._writer = writer_for(store)
+        self._locks: dict[str, asyncio.Lock] = {}
+        """Per service: one tracker call is a read, a decision and an awaited write; the
+        lock makes them one step, so two calls for a service (the scheduler's reading
+        and an API release) cannot interleave a change."""
         self._seen_since_start: set[str] = set()
         """Services whose current version this process has seen answer, or set itself."""
         self._bake_watched_since_start: set[str] = set()
@@ -208,7 +204,7 @@ class VersionTracker:
         self._touches: dict[tuple[str, str], float] = {}
         self._touched_at = -math.inf
 
-    def observe(
+    async def observe(
         self,
         service: str,
         samples: Sequence[Sample],
@@ -221,7 +217,7 @@ class VersionTracker:
         naming no valid version. The current version stays while it has been missing for
         less than ``absence_grace`` seconds (see ``decide``)."""
         found = candidates(samples, label)
-        with self._lock:
+        async with self._lock(service):
             state = self._store.service_state(service)
             stored = None if state is None else state.current_version
             if not found.values or now < self._applied_at.get(service, -math.inf):
@@ -248,14 +244,14 @@ class VersionTracker:
             self._seen_since_start.add(service)
             source = VersionSource.START if at_start else VersionSource.DISCOVERED
             since = now if decision.since is None else decision.since
-            seen = self._apply(
+            seen = await self._apply(
                 service, stored, decision.current, since, source, found.rejected, None
             )
             if since < now:
-                self._touch(service, decision.current, now)
+                await self._touch(service, decision.current, now)
             return seen
 
-    def record_release(
+    async def record_release(
         self,
         service: str,
         version: str,
@@ -274,7 +270,7 @@ class VersionTracker:
                 f"invalid version {_shown(version)}: use letters, digits and . _ + -, "
                 "starting with a letter or digit, at most 128 characters"
             )
-        with self._lock:
+        async with self._lock(service):
             state = self._store.service_state(service)
             stored = None if state is None else state.current_version
             at = max(now, self._applied_at.get(service, -math.inf))
@@ -282,9 +278,9 @@ class VersionTracker:
             self._missing.pop(service, None)
             # A release reported live is not a change that happened while we were down.
             self._seen_since_start.add(service)
-            return self._apply(service, stored, version, at, VersionSource.API, (), meta)
+            return await self._apply(service, stored, version, at, VersionSource.API, (), meta)
 
-    def update_bake(
+    async def update_bake(
         self,
         service: str,
         now: float,
@@ -307,7 +303,7 @@ class VersionTracker:
         because nobody watched the service's health while the daemon was down. A
         version marked bad never bakes, nor does one missing from the latest answer: it
         may have been rolled back, and bakes when it answers again."""
-        with self._lock:
+        async with self._lock(service):
             state = self._store.service_state(service)
             if state is None or state.current_version is None or state.current_since is None:
                 return None
@@ -315,12 +311,12 @@ class VersionTracker:
             self._bake_watched_since_start.add(service)
             if not healthy:
                 if state.healthy_since is not None:
-                    self._store.set_healthy_since(service, None)
+                    await self._writer.set_healthy_since(service, None)
                 return None
             healthy_since = None if first_since_start else state.healthy_since
             start = max(state.current_since, now if healthy_since is None else healthy_since)
             if start != state.healthy_since:
-                self._store.set_healthy_since(service, start)
+                await self._writer.set_healthy_since(service, start)
             if now - start < bake_time.total_seconds():
                 return None
             version = state.current_version
@@ -332,17 +328,16 @@ class VersionTracker:
                 return None
             judged = Judgement.ENOUGH if evidence is None else evidence(version, start)
             if judged is Judgement.NOT_ENOUGH:
-                self._store.set_healthy_since(service, now)
+                await self._writer.set_healthy_since(service, now)
             if judged is not Judgement.ENOUGH:
                 return None
-            return version if self._store.mark_baked(service, version, now) else None
+            return version if await self._writer.mark_baked(service, version, now) else None
 
-    def flush(self) -> None:
+    async def flush(self) -> None:
         """Write the sightings (``last_seen``) not written yet."""
-        with self._lock:
-            self._flush_touches()
+        await self._flush_touches()
 
-    def _touch(self, service: str, version: str, now: float) -> None:
+    async def _touch(self, service: str, version: str, now: float) -> None:
         """Record a sighting; write the pending ones when the last write is
         ``TOUCH_FLUSH_EVERY`` old (or the clock went back). A crash loses at most that much
         of ``last_seen``, which nothing decides on."""
@@ -350,41 +345,43 @@ class VersionTracker:
         self._touches[key] = max(now, self._touches.get(key, -math.inf))
         if not 0 <= now - self._touched_at < TOUCH_FLUSH_EVERY:
             self._touched_at = now
-            self._flush_touches()
+            await self._flush_touches()
 
-    def _flush_touches(self) -> None:
+    async def _flush_touches(self) -> None:
         touches, self._touches = self._touches, {}
+        if not touches:
+            return
         try:
-            self._store.touch_versions([(s, v, at) for (s, v), at in touches.items()])
+            await self._writer.touch_versions([(s, v, at) for (s, v), at in touches.items()])
         except BaseException:
             for key, at in touches.items():  # not lost: tried again at the next flush
                 self._touches[key] = max(at, self._touches.get(key, -math.inf))
             raise
 
-    def mark_bad(self, service: str, version: str, reason: str) -> bool:
+    async def mark_bad(self, service: str, version: str, reason: str) -> bool:
         """Mark a version bad (it never bakes, nor is it the last known good again).
         False when the version is unknown."""
-        with self._lock:
-            return self._store.mark_bad(service, version, reason)
+        async with self._lock(service):
+            return await self._writer.mark_bad(service, version, reason)
 
     def last_known_good(self, service: str) -> str | None:
         """The version to roll back to: baked, not bad, and not the current one."""
-        with self._lock:
-            record = self._store.last_known_good(service, exclude=self._current(service))
+        record = self._store.last_known_good(service, exclude=self.current(service))
         return None if record is None else record.version
 
     def current(self, service: str) -> str | None:
-        with self._lock:
-            return self._current(service)
-
-    def current_since(self, service: str) -> float | None:
-        with self._lock:
-            state = self._store.service_state(service)
-        return None if state is None else state.current_since
-
-    def _current(self, service: str) -> str | None:
         state = self._store.service_state(service)
         return None if state is None else state.current_version
+
+    def current_since(self, service: str) -> float | None:
+        state = self._store.service_state(service)
+        return None if state is None else state.current_since
+
+    def _lock(self, service: str) -> asyncio.Lock:
+        lock = self._locks.get(service)
+        if lock is None:
+            lock = self._locks[service] = asyncio.Lock()
+        return lock
 
     def _unchanged(
         self,
@@ -405,7 +402,7 @@ class VersionTracker:
             missing_since=missing_since,
         )
 
-    def _apply(
+    async def _apply(
         self,
         service: str,
         stored: str | None,
@@ -417,9 +414,9 @@ class VersionTracker:
     ) -> VersionObservation:
         changed = version != stored
         if changed:
-            self._store.record_version_change(service, stored, version, now, source, meta)
+            await self._writer.record_version_change(service, stored, version, now, source, meta)
         else:
-            self._touch(service, version, now)
+            await self._touch(service, version, now)
         record = self._store.version(service, version)
         return VersionObservation(
             current=version,

@@ -22,29 +22,30 @@ import sys
 import time
 from pathlib import Path
 
-from rollbackd.api.app import ApiServer, ApiStartError, start_api
+from rollbackd.api.server import ApiServer, ApiStartError, start_api
 from rollbackd.config.loader import ConfigError, LoadedConfig, load
 from rollbackd.core.model import RollbackState
+from rollbackd.logs import configure, get_logger
 from rollbackd.notify.dispatcher import Dispatcher
 from rollbackd.prometheus import PrometheusClient
+from rollbackd.runtime.control import Control
 from rollbackd.runtime.engine import Engine
-from rollbackd.runtime.logs import configure, get_logger
 from rollbackd.runtime.metrics import Metrics
 from rollbackd.runtime.pipeline import Pipeline
+from rollbackd.runtime.runner import Runner
 from rollbackd.runtime.scheduler import Scheduler
 from rollbackd.runtime.sdnotify import SystemdNotifier
 from rollbackd.store.errors import StoreError
 from rollbackd.store.sqlite import Store
+from rollbackd.store.writer import writer_for
 
-log = get_logger("rollbackd.runtime.daemon")
+log = get_logger("rollbackd.daemon")
 
 STATE_FILE = "state.db"
 
 
 def open_store(loaded: LoadedConfig) -> Store:
-    state_dir = Path(loaded.config.daemon.state_dir)
-    if not state_dir.is_absolute():
-        state_dir = loaded.path.resolve().parent / state_dir
+    state_dir = loaded.state_dir
     state_dir.mkdir(parents=True, exist_ok=True)
     return Store(state_dir / STATE_FILE)
 
@@ -58,7 +59,8 @@ class Daemon:
         self.client = PrometheusClient(self.loaded.config.prometheus)
         self.engine = Engine(self.loaded, self.client, self.store, metrics=self.metrics)
         self.pipeline = Pipeline(self.engine)
-        self.engine.on_fire = self.pipeline.on_fire
+        # The one place evaluation meets decision: what fires goes to the pipeline.
+        self.runner = Runner(self.engine, self.pipeline.on_fire)
         config = self.loaded.config
         self.dispatcher = Dispatcher(
             config.notify,
@@ -67,14 +69,20 @@ class Daemon:
             metrics_registry=self.metrics.registry,
         )
         self.dispatcher.subscribe(self.engine.bus)
-        self.scheduler = Scheduler(self.engine)
+        self.scheduler = Scheduler(self.runner)
         self.systemd = SystemdNotifier()
         self.api: ApiServer | None = None
         self._stop = asyncio.Event()
+        self._reloads: set[asyncio.Task[bool]] = set()
         self.metrics.config_reload_ok.set(1)
         self.metrics.config_reload_time.set(time.time())
 
-    def reload(self) -> bool:
+    def _on_sighup(self) -> None:
+        task = asyncio.ensure_future(self.reload())
+        self._reloads.add(task)  # referenced until done: the loop keeps only weak ones
+        task.add_done_callback(self._reloads.discard)
+
+    async def reload(self) -> bool:
         """Load the config and rules again; keep the running ones unless the new are valid."""
         self.systemd.reloading()
         try:
@@ -84,7 +92,7 @@ class Daemon:
                 problems = [str(p) for p in exc.problems]
                 log.error("reload failed: keeping the running config", problems=problems)
                 self.metrics.config_reload_ok.set(0)
-                self.engine.bus.publish(
+                await self.engine.bus.publish(
                     "config.reload_failed",
                     time.time(),
                     data={"config": str(self.config_path), "problems": problems},
@@ -150,17 +158,21 @@ class Daemon:
             )
         # After the pipeline: its last events (rollback.failed) must still go out.
         await self.dispatcher.stop(timeout=5.0)
-        self.engine.versions.flush()  # last_seen is written in batches
-        self.store.close()
+        try:
+            await self.engine.versions.flush()  # last_seen is written in batches
+        finally:
+            # The writes already asked for go in before the store closes.
+            writer_for(self.store).close()
+            self.store.close()
 
     async def serve(self) -> None:
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, self.stop)
         loop.add_signal_handler(signal.SIGINT, self.stop)
-        loop.add_signal_handler(signal.SIGHUP, self.reload)
+        loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
         self.dispatcher.start()
         # The HTTP API, /metrics and the Alertmanager webhook, on [server].listen.
-        self.api = await start_api(self)
+        self.api = await start_api(Control(self.pipeline), on_exit=self.stop)
         # Before anything is scheduled: rollbacks a crash left running are verified or
         # marked interrupted, never re-run.
         await self.pipeline.recover()

@@ -1,0 +1,289 @@
+"""The daemon as the HTTP API and the Alertmanager receiver see it: one facade.
+
+The API and the alert receiver talk to a ``Control`` only, never to the engine, the
+pipeline or the store, so what they may read and change is listed in this one place.
+It holds no state of its own: every call delegates to the pipeline, the engine, the store
+or the bus. Writes go through the store's writer thread (``writer_for``) and the bus's
+``record``; reads run in a worker thread. Either way no call waits for SQLite on the
+event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry
+
+from rollbackd.config.loader import LoadedConfig, Service
+from rollbackd.core.check_state import CheckState
+from rollbackd.core.model import (
+    AlertDraft,
+    JSONValue,
+    Rollback,
+    RollbackState,
+    ServiceState,
+    Step,
+    StoredAlert,
+    VersionRecord,
+)
+from rollbackd.core.model import Trigger as JoinedTrigger
+from rollbackd.runtime.bake_evidence import BakeStatus
+from rollbackd.runtime.engine import Engine
+from rollbackd.runtime.pipeline import Pipeline
+from rollbackd.runtime.triggers import Submission, Trigger
+from rollbackd.runtime.versions import VersionObservation
+from rollbackd.store.interfaces import StateStore
+from rollbackd.store.writer import StoreWriter, writer_for
+
+TRIGGERS_SHOWN = 100
+"""Joined triggers read per rollback; the rest are only counted (``triggers_total``)."""
+IN_FLIGHT = (RollbackState.PENDING, RollbackState.RUNNING, RollbackState.VERIFYING)
+"""The states of a rollback ``status`` lists as in flight."""
+IN_FLIGHT_SHOWN = 1000
+
+
+@dataclass(frozen=True)
+class RollbackDetail:
+    """A rollback with what is shown beside it: its steps and the triggers it joined."""
+
+    rollback: Rollback
+    steps: Sequence[Step]
+    triggers: Sequence[JoinedTrigger]
+    """The first ``TRIGGERS_SHOWN``, oldest first."""
+    triggers_total: int
+
+
+@dataclass(frozen=True)
+class StatusReads:
+    """What ``status`` shows from the store, read in one worker-thread call."""
+
+    paused: frozenset[str]
+    """The paused scopes: service names, and ``*`` when everything is paused."""
+    states: Mapping[str, ServiceState | None]
+    last_known_good: Mapping[str, str | None]
+    records: Mapping[str, VersionRecord]
+    """The record of each service's current version, for the services that have one."""
+    in_flight: Sequence[RollbackDetail]
+
+
+@dataclass(frozen=True)
+class StoreHealth:
+    """Whether the state store takes writes now, for /readyz."""
+
+    location: str
+    writable: bool
+    failure: str | None
+    """Why the last write failed, if it did."""
+
+
+@dataclass(frozen=True)
+class Resumed:
+    """What resuming a scope did."""
+
+    paused: frozenset[str]
+    """The scopes still paused afterwards."""
+    thawed: str | None
+    """Why the service was frozen, when this resume thawed it; None when it was not."""
+
+
+class Control:
+    """The one object the API and the alert receiver talk to (see the module's doc)."""
+
+    def __init__(self, pipeline: Pipeline) -> None:
+        self._pipeline = pipeline
+
+    # Properties, not attributes: a reload replaces the engine's config, and tests swap
+    # the pipeline's methods; a facade must see what is in force at each call.
+    @property
+    def _engine(self) -> Engine:
+        return self._pipeline.engine
+
+    @property
+    def _store(self) -> StateStore:
+        return self._pipeline.store
+
+    @property
+    def _writer(self) -> StoreWriter:
+        return writer_for(self._pipeline.store)
+
+    # -- what the daemon runs with ---------------------------------------------------------
+
+    @property
+    def loaded(self) -> LoadedConfig:
+        """The config and services in force (a reload replaces them)."""
+        return self._engine.loaded
+
+    @property
+    def services(self) -> Mapping[str, Service]:
+        return self._engine.loaded.services
+
+    @property
+    def registry(self) -> CollectorRegistry:
+        """The daemon's metrics registry, served on /metrics."""
+        return self._engine.metrics.registry
+
+    @property
+    def state_dir(self) -> Path:
+        """The directory of the state store, where the daemon's runtime files go."""
+        return self._engine.loaded.state_dir
+
+    def prometheus_probe(self, timeout: float) -> Callable[[], Awaitable[bool]]:
+        """A probe of Prometheus's /-/ready through the client in use now. It keeps that
+        client: a reload that replaces the client is not seen by it, as before the API
+        talked to this facade."""
+        return functools.partial(self._engine.client.aready, timeout=timeout)
+
+    async def store_health(self) -> StoreHealth:
+        writable = await asyncio.to_thread(self._store.writable, 1.0)
+        return StoreHealth(self._store.location, writable, self._store.write_failure)
+
+    # -- reads -----------------------------------------------------------------------------
+
+    async def status_reads(self, names: Sequence[str]) -> StatusReads:
+        """The stored state of the services ``names`` and the rollbacks in flight."""
+        return await asyncio.to_thread(self._status_reads, names)
+
+    def _status_reads(self, names: Sequence[str]) -> StatusReads:
+        store = self._store
+        paused = frozenset(store.paused())
+        states = {n: store.service_state(n) for n in names}
+        good = {n: self._engine.versions.last_known_good(n) for n in names}
+        live = store.rollbacks(states=list(IN_FLIGHT), limit=IN_FLIGHT_SHOWN)
+        records = {
+            n: record
+            for n, s in states.items()
+            if s is not None
+            and s.current_version is not None
+            and (record := store.version(n, s.current_version)) is not None
+        }
+        return StatusReads(paused, states, good, records, [self._detail(r) for r in live])
+
+    def check_state(self, service: str, check: str) -> CheckState:
+        return self._engine.check_state(service, check)
+
+    def canary_active(self, service: str) -> bool:
+        return self._engine.canary_active(service)
+
+    def bake_status(
+        self,
+        service: Service,
+        state: ServiceState | None,
+        record: VersionRecord | None,
+        now: float,
+    ) -> BakeStatus:
+        """Why the service's current version has (not) baked."""
+        return self._engine.bake_status(
+            service,
+            state.current_version if state else None,
+            record.baked_at if record else None,
+            (record.bad_reason or "rolled back") if record and record.bad else None,
+            state.healthy_since if state else None,
+            now,
+        )
+
+    async def history(
+        self, service: str | None, state: RollbackState | None, limit: int
+    ) -> list[RollbackDetail]:
+        """Rollbacks, the latest first."""
+
+        def read() -> list[RollbackDetail]:
+            found = self._store.rollbacks(
+                service=service, states=None if state is None else [state], limit=limit
+            )
+            return [self._detail(r) for r in found]
+
+        return await asyncio.to_thread(read)
+
+    async def rollback(self, rollback_id: int) -> RollbackDetail | None:
+        def read() -> RollbackDetail | None:
+            found = self._store.rollback(rollback_id)
+            return None if found is None else self._detail(found)
+
+        return await asyncio.to_thread(read)
+
+    async def detail(self, rollback: Rollback) -> RollbackDetail:
+        return await asyncio.to_thread(self._detail, rollback)
+
+    def _detail(self, rollback: Rollback) -> RollbackDetail:
+        store = self._store
+        return RollbackDetail(
+            rollback=rollback,
+            steps=store.steps(rollback.id),
+            triggers=store.triggers(rollback.id, limit=TRIGGERS_SHOWN),
+            triggers_total=store.count_triggers(rollback.id),
+        )
+
+    async def alerts(self, service: str | None, limit: int) -> list[StoredAlert]:
+        """Alerts received from Alertmanager, the latest first."""
+        return await asyncio.to_thread(self._store.alerts, service, None, limit)
+
+    # -- rollbacks -------------------------------------------------------------------------
+
+    async def submit(self, trigger: Trigger) -> Submission:
+        """Hand a trigger to the pipeline (raises UnknownService)."""
+        return await self._pipeline.submit(trigger)
+
+    async def approve(self, rollback_id: int, who: str) -> Rollback:
+        """Raises LookupError for an unknown rollback, ConflictError for one not pending."""
+        return await self._pipeline.approve(rollback_id, who)
+
+    async def reject(self, rollback_id: int, who: str, reason: str) -> Rollback:
+        """Raises LookupError for an unknown rollback, ConflictError for one not pending."""
+        return await self._pipeline.reject(rollback_id, who, reason)
+
+    # -- automation ------------------------------------------------------------------------
+
+    async def pause(self, scope: str, who: str, now: float) -> frozenset[str]:
+        """Stop automatic rollbacks of a service, or of all (``*``); the paused scopes."""
+        await self._writer.set_pause(scope, True, now, who)
+        await self._engine.bus.publish(
+            "service.paused", now, _service_of(scope), data={"scope": scope, "by": who}
+        )
+        return frozenset(await asyncio.to_thread(self._store.paused))
+
+    async def resume(self, scope: str, who: str, now: float) -> Resumed:
+        """Restart automatic rollbacks; for one service, also thaw it when it was frozen."""
+        await self._writer.set_pause(scope, False, now, who)
+        state = None if scope == "*" else await asyncio.to_thread(self._store.service_state, scope)
+        thawed = None
+        if state is not None and state.frozen:
+            thawed = state.frozen_reason or "no reason recorded"
+            await self._writer.set_frozen(scope, False)
+        paused = frozenset(await asyncio.to_thread(self._store.paused))
+        data: dict[str, JSONValue] = {"scope": scope, "by": who}
+        if thawed is not None:
+            data["thawed"] = thawed
+        await self._engine.bus.publish("service.resumed", now, _service_of(scope), data=data)
+        return Resumed(paused, thawed)
+
+    # -- releases --------------------------------------------------------------------------
+
+    async def release(
+        self, service: str, version: str, meta: Mapping[str, str], now: float
+    ) -> VersionObservation:
+        """Record a release from CI (raises ValueError for an invalid version). CI vouches
+        for a version with the meta ``known_good = "true"``."""
+        return await self._engine.record_release(
+            service, version, now, meta, known_good=meta.get("known_good") == "true"
+        )
+
+    # -- alert intake ----------------------------------------------------------------------
+
+    async def record_alerts(
+        self, drafts: Sequence[AlertDraft], now: float
+    ) -> list[tuple[StoredAlert, bool]]:
+        """StateStore a delivery's alerts; each with whether it is new (raises StoreError)."""
+        return await self._writer.record_alerts(drafts, now)
+
+    async def set_alert_handled(
+        self, alert_id: int, now: float, outcome: str, rollback_id: int | None
+    ) -> None:
+        await self._writer.set_alert_handled(alert_id, now, outcome, rollback_id)
+
+
+def _service_of(scope: str) -> str | None:
+    return None if scope == "*" else scope
