@@ -1,7 +1,7 @@
 """Turning a check's query results into one verdict per series, with the reason in words.
 
 Pure: no I/O and no clock. The engine runs the queries and feeds the state machine
-(``checks/state.py``) with what this module decides; ``rollbackd eval`` and ``replay``
+(``core/check_state.py``) with what this module decides; ``rollbackd eval`` and ``replay``
 print it.
 """
 

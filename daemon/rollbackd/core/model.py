@@ -188,7 +188,7 @@ class StoredCheckState:
     service: str
     check: str
     state: str
-    """The check state's JSON (``checks/state_codec.py``), as it was saved."""
+    """The check state's JSON (``store/check_state_codec.py``), as it was saved."""
     updated_at: float
 
 

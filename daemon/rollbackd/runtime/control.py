@@ -3,8 +3,8 @@
 The API and the alert receiver talk to a ``Control`` only, never to the engine, the
 pipeline or the store, so what they may read and change is listed in this one place.
 It holds no state of its own: every call delegates to the pipeline, the engine, the store
-or the bus. Writes go through the store's writer thread (``writer_for``) and the bus's
-``record``; reads run in a worker thread. Either way no call waits for SQLite on the
+or the bus. Writes go through the store's writer thread (``writer_for``) and the bus
+(``publish``); reads run in a worker thread. Either way no call waits for SQLite on the
 event loop.
 """
 
