@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Installs what rollbackd's tests and demo need, when missing: Debian's Prometheus and
-# Alertmanager, and a Python virtual environment in .venv with rollbackd and its dev tools.
+# Installs what rollbackd's tests and demo need, when missing: Debian's Prometheus,
+# Alertmanager and PostgreSQL server (the tests start their own; none is set up as a
+# service here), and a Python virtual environment in .venv with rollbackd and its dev tools.
 # Safe to run again; it only installs what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -11,6 +12,11 @@ command -v promtool >/dev/null 2>&1 || need_apt+=(prometheus)
 command -v prometheus-alertmanager >/dev/null 2>&1 || need_apt+=(prometheus-alertmanager)
 command -v git >/dev/null 2>&1 || need_apt+=(git)
 command -v systemd-analyze >/dev/null 2>&1 || need_apt+=(systemd)
+# Debian keeps initdb and pg_ctl off PATH, in /usr/lib/postgresql/<major>/bin.
+if ! command -v initdb >/dev/null 2>&1 \
+    && ! compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null; then
+    need_apt+=(postgresql)
+fi
 python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || need_apt+=(python3-venv)
 if [ "${#need_apt[@]}" -gt 0 ]; then
     sudo=""

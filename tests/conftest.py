@@ -1,5 +1,6 @@
-"""Shared fixtures: real Prometheus servers (fresh or backfilled with support.dataset) and a
-fake service for them to scrape. See tests/support/."""
+"""Shared fixtures: real Prometheus servers (fresh or backfilled with support.dataset), a
+fake service for them to scrape, and one real PostgreSQL server per run with a fresh
+database per test. See tests/support/."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import pytest
 
 from support import dataset
 from support.fake_service import FakeService
+from support.postgres import Database, PostgresServer
 from support.prometheus import (
     PrometheusFactory,
     PrometheusServer,
@@ -95,6 +97,23 @@ def backfilled_prometheus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[
         yield server
     finally:
         server.close()
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """One PostgreSQL server for the run, started only when a test asks for it. A missing
+    PostgreSQL fails the test with where to get it, never skips it."""
+    with PostgresServer() as server:
+        yield server
+
+
+@pytest.fixture
+def postgres_database(postgres_server: PostgresServer) -> Iterator[Database]:
+    """A fresh, empty database owned by the role ``rollbackd``; dropped at teardown
+    (connections still open to it are ended)."""
+    database = postgres_server.create_database()
+    yield database
+    postgres_server.drop_database(database.name)
 
 
 @pytest.fixture

@@ -2,8 +2,10 @@
 
 Every test takes ``open_store``, a factory parametrised over the implementations: each call
 opens a store on the same, initially empty, backing storage (so a second call is a restart,
-or a second process). A new backend (PostgreSQL) adds one ``Backend`` to ``BACKENDS``.
-Backend-specific matters (files, pragmas, migrations, permissions) are in test_store.py.
+or a second process): a file in the test's directory for SQLite, a fresh database on the
+run's PostgreSQL server (conftest's ``postgres_database``) for PostgreSQL. A new backend adds
+one entry to ``BACKENDS``. Backend-specific matters are in test_store.py (SQLite) and
+test_store_postgres.py.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from rollbackd.core.model import (
 )
 from rollbackd.store.errors import ConflictError, StoreError
 from rollbackd.store.interfaces import StateStore
+from rollbackd.store.postgres import PostgresStore
 from rollbackd.store.sqlite import Store
 from rollbackd.store.writer import writer_for
 from support.store_history import deploy
@@ -65,8 +68,9 @@ class Backend:
 
 
 @contextmanager
-def _gate_sqlite_commits(store: StateStore, gate: CommitGate) -> Iterator[None]:
-    assert isinstance(store, Store)
+def _gate_commits(store: StateStore, gate: CommitGate) -> Iterator[None]:
+    # Both backends commit every write transaction in one method, `_commit(conn)`.
+    assert isinstance(store, Store | PostgresStore)
     commit = store._commit
 
     def gated(conn: Any) -> None:
@@ -78,19 +82,32 @@ def _gate_sqlite_commits(store: StateStore, gate: CommitGate) -> Iterator[None]:
         yield
 
 
-BACKENDS = {
-    "sqlite": Backend(
-        open=lambda directory: Store(directory / "state.db"),
-        gate_commits=_gate_sqlite_commits,
-    ),
+def _sqlite(request: pytest.FixtureRequest) -> Backend:
+    return Backend(open=lambda directory: Store(directory / "state.db"), gate_commits=_gate_commits)
+
+
+def _postgres(request: pytest.FixtureRequest) -> Backend:
+    # Asked for here, not by every test: a SQLite test neither starts the server nor
+    # makes a database.
+    database = request.getfixturevalue("postgres_database")
+    return Backend(
+        open=lambda _directory: PostgresStore(database.url, password=database.password),
+        gate_commits=_gate_commits,
+    )
+
+
+BACKENDS: dict[str, Callable[[pytest.FixtureRequest], Backend]] = {
+    "sqlite": _sqlite,
+    "postgres": _postgres,
 }
+"""Each backend's ``Backend``, made for one test (it may use that test's fixtures)."""
 
 StoreFactory = Callable[[], StateStore]
 
 
 @pytest.fixture(params=sorted(BACKENDS))
 def backend(request: pytest.FixtureRequest) -> Backend:
-    return BACKENDS[request.param]
+    return BACKENDS[request.param](request)
 
 
 @pytest.fixture

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from rollbackd.api.server import ApiServer, ApiStartError, start_api
 from rollbackd.config.loader import ConfigError, LoadedConfig, load
+from rollbackd.config.secrets import SecretError, read_secret
 from rollbackd.core.model import RollbackState
 from rollbackd.logs import configure, get_logger
 from rollbackd.notify.dispatcher import Dispatcher
@@ -36,6 +37,8 @@ from rollbackd.runtime.runner import Runner
 from rollbackd.runtime.scheduler import Scheduler
 from rollbackd.runtime.sdnotify import SystemdNotifier
 from rollbackd.store.errors import StoreError
+from rollbackd.store.interfaces import StateStore
+from rollbackd.store.postgres import PostgresStore
 from rollbackd.store.sqlite import Store
 from rollbackd.store.writer import writer_for
 
@@ -44,10 +47,22 @@ log = get_logger("rollbackd.daemon")
 STATE_FILE = "state.db"
 
 
-def open_store(loaded: LoadedConfig) -> Store:
+def open_store(loaded: LoadedConfig) -> StateStore:
+    """PostgreSQL when the config has a ``[store]``, else SQLite under ``state_dir``
+    (which also holds ``api.address`` in both cases)."""
     state_dir = loaded.state_dir
     state_dir.mkdir(parents=True, exist_ok=True)
-    return Store(state_dir / STATE_FILE)
+    section = loaded.config.store
+    if section is None:
+        return Store(state_dir / STATE_FILE)
+    password = None
+    if section.password_file is not None or section.password_env is not None:
+        try:
+            password = read_secret(section.password_file, section.password_env, "[store] password")
+        except SecretError as exc:
+            # A store that cannot be opened: the daemon refuses to start, and says why.
+            raise StoreError(str(exc)) from None
+    return PostgresStore(section.url, password=password)
 
 
 class Daemon:

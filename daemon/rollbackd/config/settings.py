@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import timedelta
 from enum import StrEnum
 from typing import Any, ClassVar, Self
+from urllib.parse import parse_qsl, urlsplit
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError
@@ -132,6 +133,46 @@ class GuardsSection(Strict):
     window: Duration = timedelta(hours=1)
 
 
+class StoreSection(Strict):
+    """The state in PostgreSQL (one database, owned by the URL's role). Without ``[store]``
+    the state is SQLite under ``[daemon] state_dir``."""
+
+    url: str = Field(
+        description="a libpq URI, postgresql://USER@HOST:PORT/DATABASE?sslmode=verify-full; "
+        "its password comes from password_file or password_env"
+    )
+    password_file: str | None = None
+    password_env: str | None = None
+
+    key_hints: ClassVar[dict[str, str]] = {
+        "password": "the password is a secret: set 'password_file' or 'password_env'"
+    }
+
+    @field_validator("url")
+    @classmethod
+    def _postgres_url(cls, value: str) -> str:
+        # The value is never echoed back: it may hold the very password refused here.
+        if not value.startswith(("postgresql://", "postgres://")):
+            raise ValueError("must be a postgresql:// (or postgres://) URL")
+        try:
+            parts = urlsplit(value)
+        except ValueError as exc:  # an unclosed "[" of an IPv6 address, say
+            raise ValueError(f"is not a valid URL: {exc}") from None
+        in_query = any(key.lower() == "password" for key, _ in parse_qsl(parts.query))
+        if parts.password is not None or in_query:
+            raise ValueError(
+                "must not hold a password: put it in a file named by 'password_file' "
+                "(or an environment variable named by 'password_env')"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _one_password(self) -> Self:
+        if self.password_file is not None and self.password_env is not None:
+            raise ValueError("set at most one of 'password_file' or 'password_env'")
+        return self
+
+
 class Config(BaseSettings, Strict):
     """The whole config file. Values from the environment override the file."""
 
@@ -148,6 +189,8 @@ class Config(BaseSettings, Strict):
     alertmanager: AlertmanagerSection = AlertmanagerSection()
     server: ServerSection = ServerSection()
     guards: GuardsSection = GuardsSection()
+    store: StoreSection | None = None
+    """None: SQLite under ``[daemon] state_dir``."""
     notify: list[Notifier] = Field(default_factory=list)
 
     @model_validator(mode="after")

@@ -1,0 +1,38 @@
+"""PostgreSQL table ``check_states``: the :class:`CheckStateStore`. The state column is
+``store/check_state_codec.py``'s JSON, which this module never reads inside."""
+
+from __future__ import annotations
+
+from rollbackd.core.model import StoredCheckState
+from rollbackd.store.interfaces import CheckStateStore
+from rollbackd.store.postgres import rows
+from rollbackd.store.postgres.database import Database
+
+
+class PostgresCheckStates(Database, CheckStateStore):
+    def check_states(self) -> dict[tuple[str, str], StoredCheckState]:
+        with self._read() as conn:
+            found = conn.execute(
+                f"SELECT {rows.CHECK_STATE_COLUMNS} FROM check_states"  # noqa: S608
+            ).fetchall()
+        states = [rows.check_state(row) for row in found]
+        return {(state.service, state.check): state for state in states}
+
+    def save_check_state(self, service: str, check: str, state: str, at: float) -> None:
+        # The json column refuses text that is not JSON (a DataError: a refused write),
+        # and keeps the text as given, so it reads back unchanged.
+        with self._write() as conn:
+            conn.execute(
+                """INSERT INTO check_states (service, check_name, state, updated_at)
+                   VALUES (%s, %s, %s::json, %s)
+                   ON CONFLICT (service, check_name) DO UPDATE SET
+                       state = excluded.state, updated_at = excluded.updated_at""",
+                (service, check, state, at),
+            )
+
+    def delete_check_state(self, service: str, check: str) -> None:
+        with self._write() as conn:
+            conn.execute(
+                "DELETE FROM check_states WHERE service = %s AND check_name = %s",
+                (service, check),
+            )
