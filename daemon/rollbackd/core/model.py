@@ -249,3 +249,20 @@ class StoredAlert:
     """None while a matched firing alert has not been handed to the pipeline yet."""
     outcome: str
     rollback_id: int | None
+
+
+@dataclass(frozen=True)
+class Lease:
+    """One daemon's hold on one service: only the holder acts on the service, and every
+    act it records carries ``epoch``, so that a holder that lost the lease is fenced off.
+    Both times are by the store's clock (the database's), never a daemon's."""
+
+    service: str
+    holder: str
+    """The holding daemon's member id."""
+    epoch: int
+    """The fencing token: one more at every new tenure of the lease, never reused."""
+    acquired_at: float
+    """When this tenure began (a renewal keeps it)."""
+    expires_at: float
+    """Live while the store's clock is before this; released leases expire at release."""

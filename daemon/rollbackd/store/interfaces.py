@@ -8,7 +8,8 @@ implementation must show.
 Contracts shared by every method:
 
 * Callers get frozen dataclasses of :mod:`rollbackd.core.model`, never rows or dicts.
-* Times are UTC unix seconds (floats) passed in by the caller; a store reads no clock.
+* Times are UTC unix seconds (floats) passed in by the caller; a store reads no clock,
+  except :class:`LeaseStore`, which judges expiry by the database's own clock only.
 * Every method raises :class:`~rollbackd.store.errors.StoreError` when the store cannot do
   what was asked (closed, I/O error, disk full, a constraint refused the write). A write is
   one transaction: when it raises, nothing of it was stored.
@@ -29,6 +30,7 @@ from rollbackd.core.model import (
     AlertDraft,
     Event,
     JSONValue,
+    Lease,
     Rollback,
     RollbackDraft,
     RollbackState,
@@ -316,6 +318,52 @@ class EventStore(Protocol):
         ...
 
 
+class LeaseStore(Protocol):
+    """Per-service leases with fencing, and the live daemons: each service is held by one
+    daemon (member) at a time, and each new tenure of a lease gets a higher epoch.
+
+    Every time here is the store's clock (the database server's), never the daemon's,
+    which may be wrong or paused: expiry is judged where the lease lives. A lease or a
+    member is live while that clock is before its ``expires_at``. ``ttl`` is in seconds,
+    0 or more and finite (0: expired at once), else ValueError; an empty ``member`` or
+    ``holder`` (or ``service``) is a ValueError too, before touching storage."""
+
+    def heartbeat(self, member: str, ttl: float) -> list[str]:
+        """Record ``member`` as alive until now + ttl (the store's clock); return every
+        live member, sorted. A member not heard of within its ttl is dead."""
+        ...
+
+    def acquire(self, service: str, holder: str, ttl: float) -> Lease | None:
+        """Take ``service``'s lease when it is free or expired (the store's clock), or
+        renew it when ``holder`` already has it, live (same epoch and acquired_at). Any
+        new tenure (another holder, or the same one after its lease expired or was
+        released) makes the epoch one more than any epoch ever given for that service,
+        so work begun under the old tenure is fenced off. None when another holder's
+        lease is live. Atomic: two racing acquirers never both win."""
+        ...
+
+    def renew(self, holder: str, services: Sequence[str], ttl: float) -> list[Lease]:
+        """Extend ``holder``'s live leases among ``services`` to now + ttl; return the ones
+        renewed, sorted by service. A lease that had expired is not renewed (it may have
+        been taken over): the holder has lost it."""
+        ...
+
+    def release(self, service: str, holder: str) -> bool:
+        """Give the lease up (another daemon may take it at once): it expires now, and
+        keeps its epoch for the next tenure to pass. False if ``holder`` does not hold
+        it live."""
+        ...
+
+    def leases(self) -> list[Lease]:
+        """Every lease, live or expired, sorted by service."""
+        ...
+
+    def holds(self, service: str, holder: str, epoch: int) -> bool:
+        """The fencing check: ``holder`` holds ``service`` with ``epoch`` and the lease is
+        live now, by the store's clock."""
+        ...
+
+
 class StateStore(
     VersionStore,
     ServiceStateStore,
@@ -323,6 +371,7 @@ class StateStore(
     RollbackStore,
     AlertStore,
     EventStore,
+    LeaseStore,
     Protocol,
 ):
     """The whole state store, with its lifecycle: the type the runtime depends on."""

@@ -7,8 +7,8 @@ The same Protocols (:mod:`rollbackd.store.interfaces`) and behaviour as the SQLi
 * ``database``: one write connection under a lock, a pool of read-only ones,
   transactions, errors;
 * ``migrations``: the schema, numbered as SQLite's, applied under an advisory lock;
-* ``versions``, ``services``, ``check_states``, ``rollbacks``, ``alerts``, ``events``: one
-  aggregate's tables each, as a mixin of :class:`PostgresStore`;
+* ``versions``, ``services``, ``check_states``, ``rollbacks``, ``alerts``, ``events``,
+  ``leases``: one aggregate's tables each, as a mixin of :class:`PostgresStore`;
 * ``rows``: rows to dataclasses and back;
 * ``store``: :class:`PostgresStore`, all of them together.
 

@@ -202,6 +202,26 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         )
         """,
     ),
+    # 5: per-service leases with fencing epochs, and the live daemons (members). Times are
+    # the server's clock_timestamp() as unix seconds. A lease row is never deleted, so
+    # that its epoch stays the highest ever given for the service.
+    (
+        """
+        CREATE TABLE leases (
+            service      text COLLATE "C" PRIMARY KEY,
+            holder       text COLLATE "C" NOT NULL CHECK (holder <> ''),
+            epoch        bigint NOT NULL CHECK (epoch >= 1),
+            acquired_at  double precision NOT NULL,
+            expires_at   double precision NOT NULL
+        )
+        """,
+        """
+        CREATE TABLE members (
+            member      text COLLATE "C" PRIMARY KEY,
+            expires_at  double precision NOT NULL
+        )
+        """,
+    ),
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -5,8 +5,8 @@ All SQL of the project lives in this package, behind the Protocols of
 
 * ``database``: the file's connections (one writer, pooled readers), pragmas, transactions;
 * ``migrations``: the schema, as numbered migrations;
-* ``versions``, ``services``, ``check_states``, ``rollbacks``, ``alerts``, ``events``: one
-  aggregate's tables each, as a mixin of :class:`Store`;
+* ``versions``, ``services``, ``check_states``, ``rollbacks``, ``alerts``, ``events``,
+  ``leases``: one aggregate's tables each, as a mixin of :class:`Store`;
 * ``rows``: rows to dataclasses and back;
 * ``store``: :class:`Store`, all of them together.
 

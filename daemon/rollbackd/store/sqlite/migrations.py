@@ -196,6 +196,26 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         )
         """,
     ),
+    # 5: per-service leases with fencing epochs, and the live daemons (members). Times are
+    # the database's clock, as unix seconds. A lease row is never deleted, so that its
+    # epoch stays the highest ever given for the service.
+    (
+        """
+        CREATE TABLE leases (
+            service      TEXT PRIMARY KEY,
+            holder       TEXT NOT NULL CHECK (holder <> ''),
+            epoch        INTEGER NOT NULL CHECK (epoch >= 1),
+            acquired_at  REAL NOT NULL,
+            expires_at   REAL NOT NULL
+        )
+        """,
+        """
+        CREATE TABLE members (
+            member      TEXT PRIMARY KEY,
+            expires_at  REAL NOT NULL
+        )
+        """,
+    ),
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)
