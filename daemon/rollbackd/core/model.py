@@ -266,3 +266,12 @@ class Lease:
     """When this tenure began (a renewal keeps it)."""
     expires_at: float
     """Live while the store's clock is before this; released leases expire at release."""
+
+
+@dataclass(frozen=True)
+class Fence:
+    """The lease a write is made under: the store makes the write only while ``holder``
+    holds the service's lease with ``epoch`` (checked in the write's own transaction)."""
+
+    holder: str
+    epoch: int
