@@ -25,12 +25,13 @@ import pytest
 from rollbackd.core.model import (
     AlertDraft,
     Event,
+    Fence,
     JSONValue,
     RollbackDraft,
     RollbackState,
     VersionSource,
 )
-from rollbackd.store.errors import ConflictError, StoreError
+from rollbackd.store.errors import ConflictError, FencedError, StoreError
 from rollbackd.store.interfaces import StateStore
 from rollbackd.store.postgres import PostgresStore
 from rollbackd.store.sqlite import Store
@@ -871,3 +872,57 @@ def test_a_read_after_a_write_sees_it_on_every_thread(store: StateStore) -> None
             futures = [pool.submit(store.events, limit=1000) for _ in range(4)]
             seen = [len(future.result()) for future in futures]
             assert seen == [i + 1] * 4
+
+
+# Fencing: a rollback's state changes only under its service's live lease
+
+
+def test_fenced_rollback_writes_land_under_the_live_lease(store: StateStore) -> None:
+    lease = store.acquire("checkout", "daemon-a", ttl=60.0)
+    assert lease is not None
+    fence = Fence("daemon-a", lease.epoch)
+    created = store.create_rollback(draft(state=RollbackState.PENDING), fence=fence)
+    running = store.set_rollback_state(
+        created.id, RollbackState.RUNNING, 2100.0, expected=[RollbackState.PENDING], fence=fence
+    )
+    assert running.state is RollbackState.RUNNING
+    assert store.rollback(created.id) == running
+
+
+def test_fenced_rollback_writes_are_refused_once_the_lease_expired(store: StateStore) -> None:
+    lease = store.acquire("checkout", "daemon-a", ttl=0.0)  # expired at once
+    assert lease is not None
+    fence = Fence("daemon-a", lease.epoch)
+    with pytest.raises(FencedError, match="checkout"):
+        store.create_rollback(draft(), fence=fence)
+    assert store.rollbacks() == []
+    unfenced = store.create_rollback(draft())
+    with pytest.raises(FencedError):
+        store.set_rollback_state(unfenced.id, RollbackState.SUCCEEDED, 2100.0, fence=fence)
+    assert store.rollback(unfenced.id) == unfenced
+
+
+def test_fenced_rollback_writes_are_refused_with_a_stale_epoch(store: StateStore) -> None:
+    old = store.acquire("checkout", "daemon-a", ttl=0.0)
+    new = store.acquire("checkout", "daemon-b", ttl=60.0)  # taken over after expiry
+    assert old is not None and new is not None and new.epoch > old.epoch
+    pending = store.create_rollback(
+        draft(state=RollbackState.PENDING), fence=Fence("daemon-b", new.epoch)
+    )
+    for stale in (Fence("daemon-a", old.epoch), Fence("daemon-b", old.epoch)):
+        with pytest.raises(FencedError):
+            store.create_rollback(draft(release_id=3), fence=stale)
+        with pytest.raises(FencedError):
+            store.set_rollback_state(pending.id, RollbackState.RUNNING, 2100.0, fence=stale)
+    assert [r.id for r in store.rollbacks()] == [pending.id]
+    assert store.rollback(pending.id) == pending
+
+
+def test_a_fence_counts_only_for_its_own_service(store: StateStore) -> None:
+    lease = store.acquire("payments", "daemon-a", ttl=60.0)
+    assert lease is not None
+    with pytest.raises(FencedError):
+        store.create_rollback(draft(service="checkout"), fence=Fence("daemon-a", lease.epoch))
+    with pytest.raises(StoreError, match="no rollback"):
+        store.set_rollback_state(999, RollbackState.FAILED, 2100.0, fence=Fence("x", 1))
+    assert store.rollbacks() == []

@@ -31,11 +31,13 @@ from rollbackd.notify.dispatcher import Dispatcher
 from rollbackd.prometheus import PrometheusClient
 from rollbackd.runtime.control import Control
 from rollbackd.runtime.engine import Engine
+from rollbackd.runtime.leases import LeaseKeeper, default_member
 from rollbackd.runtime.metrics import Metrics
 from rollbackd.runtime.pipeline import Pipeline
 from rollbackd.runtime.runner import Runner
 from rollbackd.runtime.scheduler import Scheduler
 from rollbackd.runtime.sdnotify import SystemdNotifier
+from rollbackd.runtime.tenancy import SoloTenancy, Tenancy
 from rollbackd.store.errors import StoreError
 from rollbackd.store.interfaces import StateStore
 from rollbackd.store.postgres import PostgresStore
@@ -73,9 +75,12 @@ class Daemon:
         self.store = open_store(self.loaded)
         self.client = PrometheusClient(self.loaded.config.prometheus)
         self.engine = Engine(self.loaded, self.client, self.store, metrics=self.metrics)
-        self.pipeline = Pipeline(self.engine)
-        # The one place evaluation meets decision: what fires goes to the pipeline.
-        self.runner = Runner(self.engine, self.pipeline.on_fire)
+        self.keeper = self._lease_keeper()
+        self.tenancy: Tenancy = SoloTenancy() if self.keeper is None else self.keeper
+        self.pipeline = Pipeline(self.engine, tenancy=self.tenancy)
+        # The one place evaluation meets decision: what fires goes to the pipeline, and
+        # only for the services this daemon may act on (all of them, alone on SQLite).
+        self.runner = Runner(self.engine, self.pipeline.on_fire, tenancy=self.tenancy)
         config = self.loaded.config
         self.dispatcher = Dispatcher(
             config.notify,
@@ -88,9 +93,49 @@ class Daemon:
         self.systemd = SystemdNotifier()
         self.api: ApiServer | None = None
         self._stop = asyncio.Event()
+        self._keeper_stop = asyncio.Event()
+        self._keeper_task: asyncio.Task[None] | None = None
         self._reloads: set[asyncio.Task[bool]] = set()
         self.metrics.config_reload_ok.set(1)
         self.metrics.config_reload_time.set(time.time())
+
+    def _lease_keeper(self) -> LeaseKeeper | None:
+        """Leases only when several daemons may share the store: PostgreSQL. On SQLite the
+        daemon is alone and holds everything (``SoloTenancy``): no keeper, no lease writes."""
+        section = self.loaded.config.store
+        if section is None:
+            return None
+        return LeaseKeeper(
+            self.store,
+            section.member or default_member(),
+            section.lease_time.total_seconds(),
+            lambda: list(self.engine.loaded.services),
+            metrics=self.metrics,
+        )
+
+    async def _start_leases(self) -> None:
+        """One tick before anything is scheduled (the first evaluations find this daemon's
+        share already held), then a tick every third of the lease time."""
+        keeper = self.keeper
+        if keeper is None:
+            return
+        await keeper.tick()
+        log.info("leases", member=keeper.member, held=len(keeper.held()))
+        self._keeper_task = asyncio.ensure_future(keeper.run(self._keeper_stop))
+
+    async def _stop_leases(self) -> None:
+        """Give the leases back (a clean stop hands over at once). Bounded: with the
+        database unreachable they lapse by themselves."""
+        keeper, task = self.keeper, self._keeper_task
+        if keeper is None or task is None:
+            return
+        self._keeper_stop.set()
+        try:
+            await asyncio.wait_for(task, timeout=keeper.lease_time)
+        except TimeoutError:
+            log.warning("leases not given back in time: they expire by themselves")
+        finally:
+            keeper.close()
 
     def _on_sighup(self) -> None:
         task = asyncio.ensure_future(self.reload())
@@ -145,8 +190,9 @@ class Daemon:
         )
         self.metrics.rollbacks_in_flight.set(live)
         blind = len(self.engine.blind_checks)
+        held = "" if self.keeper is None else f", {len(self.keeper.held())} held"
         return (
-            f"{len(services)} services, {checks} checks, {firing} firing, {blind} blind, "
+            f"{len(services)} services{held}, {checks} checks, {firing} firing, {blind} blind, "
             f"{live} rollbacks in flight"
         )
 
@@ -171,6 +217,8 @@ class Daemon:
             await self.pipeline.interrupt_all(
                 f"the daemon was stopped and the rollback did not finish within {grace:g}s"
             )
+        # Held until the rollbacks above are over, and given back before the store closes.
+        await self._stop_leases()
         # After the pipeline: its last events (rollback.failed) must still go out.
         await self.dispatcher.stop(timeout=5.0)
         try:
@@ -188,6 +236,8 @@ class Daemon:
         self.dispatcher.start()
         # The HTTP API, /metrics and the Alertmanager webhook, on [server].listen.
         self.api = await start_api(Control(self.pipeline), on_exit=self.stop)
+        # This daemon's share of the services held before it acts on any of them.
+        await self._start_leases()
         # Before anything is scheduled: rollbacks a crash left running are verified or
         # marked interrupted, never re-run.
         await self.pipeline.recover()
@@ -196,6 +246,12 @@ class Daemon:
         # Expired and superseded approvals, and triggers that still fire after a refusal
         # that may lapse (cooldown over, resumed, thawed, mode changed): decided again.
         self.scheduler.add_periodic("pipeline:housekeeping", self.pipeline.housekeeping, 5.0)
+        if self.keeper is not None:
+            # A service taken over from a daemon that died may have a rollback in flight:
+            # verified as after a crash, never re-run (recover skips what this daemon runs).
+            self.scheduler.add_periodic(
+                "pipeline:recover-taken-over", self.pipeline.recover, self.keeper.lease_time / 3
+            )
         checks = sum(len(s.rules.check) for s in self.loaded.services.values())
         log.info(
             "rollbackd started",

@@ -143,10 +143,30 @@ class StoreSection(Strict):
     )
     password_file: str | None = None
     password_env: str | None = None
+    lease_time: Duration = Field(
+        default=timedelta(seconds=10),
+        description="how long a daemon holds a service without renewing; a daemon that stops "
+        "renewing (dead, paused, cut off) loses its services to the others after it",
+    )
+    member: str | None = Field(
+        default=None,
+        min_length=1,
+        description="this daemon's name among the daemons sharing the database (default "
+        "<hostname>-<pid>-<4 random hex>); unique per running daemon",
+    )
 
     key_hints: ClassVar[dict[str, str]] = {
         "password": "the password is a secret: set 'password_file' or 'password_env'"
     }
+
+    @field_validator("lease_time")
+    @classmethod
+    def _lease_time(cls, value: timedelta) -> timedelta:
+        # Renewed every third of it and acted on for 80%: below 3 s a database hiccup or
+        # a garbage-collection pause would hand services to and fro.
+        if value < timedelta(seconds=3):
+            raise ValueError("must be at least 3s")
+        return value
 
     @field_validator("url")
     @classmethod

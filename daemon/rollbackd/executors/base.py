@@ -54,6 +54,10 @@ class RollbackContext:
     reason: str
     rollback_id: str
     canary: bool = False
+    fencing_token: int | None = None
+    """The lease epoch the rollback runs under (it only grows), so that a deploy tool
+    keeping its own state can refuse a writer older than the last it saw; None with no
+    lease (one daemon alone): an empty placeholder."""
 
     def check(self) -> None:
         """Refuse versions that could steer a path or an argument somewhere unintended."""
@@ -70,10 +74,12 @@ class RollbackContext:
             "reason": self.reason,
             "rollback_id": self.rollback_id,
             "canary": "true" if self.canary else "false",
+            "fencing_token": "" if self.fencing_token is None else str(self.fencing_token),
         }
 
     def environment(self) -> dict[str, str]:
-        """``ROLLBACKD_SERVICE``, ``ROLLBACKD_TO_VERSION``, ...: the placeholders as variables."""
+        """``ROLLBACKD_SERVICE``, ``ROLLBACKD_TO_VERSION``, ..., ``ROLLBACKD_FENCING_TOKEN``:
+        the placeholders as variables."""
         return {f"ROLLBACKD_{key.upper()}": value for key, value in self.placeholders().items()}
 
 

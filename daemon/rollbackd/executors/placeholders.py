@@ -12,7 +12,15 @@ from collections.abc import Iterable, Mapping
 
 from rollbackd.config.strict import did_you_mean
 
-PLACEHOLDERS = ("service", "from_version", "to_version", "reason", "rollback_id", "canary")
+PLACEHOLDERS = (
+    "service",
+    "from_version",
+    "to_version",
+    "reason",
+    "rollback_id",
+    "canary",
+    "fencing_token",
+)
 _KNOWN = re.compile(r"\{(" + "|".join(PLACEHOLDERS) + r")\}")
 # Something that looks like a placeholder: {word}, but not JSON such as {"a": 1}.
 _LOOKS_LIKE = re.compile(r"\{([a-z_][a-z0-9_]*)\}")

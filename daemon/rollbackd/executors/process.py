@@ -12,7 +12,8 @@ Every executor that runs a program (``command``, ``symlink``'s restart, ``kubect
 * ``env`` is used as given. Callers pass a minimal environment, not the daemon's own, which
   may hold secrets such as API tokens: the ``command`` executor passes
   :func:`base_environment` (``PATH``, ``HOME``, ``LANG``) plus the ``ROLLBACKD_*`` variables of
-  :meth:`RollbackContext.environment` plus the spec's ``env``.
+  :meth:`RollbackContext.environment` (``ROLLBACKD_FENCING_TOKEN`` among them) plus the
+  spec's ``env``.
 
 A program that cannot be started is an ordinary failure, reported in
 :attr:`ProcessResult.error`; :func:`run_process` does not raise for it.

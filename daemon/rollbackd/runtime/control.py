@@ -11,8 +11,9 @@ event loop.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +37,7 @@ from rollbackd.runtime.engine import Engine
 from rollbackd.runtime.pipeline import Pipeline
 from rollbackd.runtime.triggers import Submission, Trigger
 from rollbackd.runtime.versions import VersionObservation
+from rollbackd.store.errors import ConflictError, FencedError
 from rollbackd.store.interfaces import StateStore
 from rollbackd.store.writer import StoreWriter, writer_for
 
@@ -228,12 +230,16 @@ class Control:
         return await self._pipeline.submit(trigger)
 
     async def approve(self, rollback_id: int, who: str) -> Rollback:
-        """Raises LookupError for an unknown rollback, ConflictError for one not pending."""
-        return await self._pipeline.approve(rollback_id, who)
+        """Raises LookupError for an unknown rollback, ConflictError for one not pending
+        or whose service another daemon holds."""
+        with _fenced_is_conflict():
+            return await self._pipeline.approve(rollback_id, who)
 
     async def reject(self, rollback_id: int, who: str, reason: str) -> Rollback:
-        """Raises LookupError for an unknown rollback, ConflictError for one not pending."""
-        return await self._pipeline.reject(rollback_id, who, reason)
+        """Raises LookupError for an unknown rollback, ConflictError for one not pending
+        or whose service another daemon holds."""
+        with _fenced_is_conflict():
+            return await self._pipeline.reject(rollback_id, who, reason)
 
     # -- automation ------------------------------------------------------------------------
 
@@ -287,3 +293,13 @@ class Control:
 
 def _service_of(scope: str) -> str | None:
     return None if scope == "*" else scope
+
+
+@contextlib.contextmanager
+def _fenced_is_conflict() -> Iterator[None]:
+    """A decision this daemon lost the lease for is refused (409, with why), not a failure
+    of the store (503): the service's holder decides."""
+    try:
+        yield
+    except FencedError as exc:
+        raise ConflictError(f"not decided here: {exc}") from exc

@@ -109,6 +109,17 @@ class Metrics:
             "Rollbacks running or verifying now.",
             registry=r,
         )
+        self.leases_held = Gauge(
+            "rollbackd_leases_held",
+            "Services whose lease this daemon holds and acts on now (PostgreSQL store).",
+            registry=r,
+        )
+        self.lease_takeovers = Counter(
+            "rollbackd_lease_takeovers_total",
+            "Leases this daemon acquired from an earlier tenure (another daemon's, or its own "
+            "before a restart): epoch above 1.",
+            registry=r,
+        )
 
     def verdict_counted(self, service: str, check: str, verdict: Verdict) -> None:
         self.evaluations.labels(service, check, verdict.value).inc()

@@ -11,6 +11,12 @@ Each read-decide-write about one service (submit, reconsider, approve, reject, e
 recovery) runs under that service's lock: writes are awaited on the store's writer thread,
 and two triggers must not both see "no rollback yet" in between. The lock is never held
 across an execution or a verification.
+
+Tenancy: with leases (several daemons on PostgreSQL) the pipeline decides only for the
+services this daemon holds, and every rollback state change it makes carries the service's
+fence (``Tenancy.fence``), checked by the store in the write's own transaction: a daemon
+that lost its lease cannot create, start or finish a rollback. Alone (``SoloTenancy``) it
+holds every service and writes unfenced.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ from dataclasses import dataclass, replace
 from rollbackd.checks.base import Action
 from rollbackd.config.loader import Service
 from rollbackd.core.guards import Decision, GuardFacts, Outcome, decide, lapses
-from rollbackd.core.model import JSONValue, Mode, Rollback, RollbackDraft, RollbackState
+from rollbackd.core.model import Fence, JSONValue, Mode, Rollback, RollbackDraft, RollbackState
 from rollbackd.logs import get_logger
 from rollbackd.runtime.announce import Announcer
 from rollbackd.runtime.background import Background
@@ -34,10 +40,9 @@ from rollbackd.runtime.firings import Firing
 from rollbackd.runtime.guard_facts import guard_facts, joins, overdue, release_of
 from rollbackd.runtime.recovery import Recovery
 from rollbackd.runtime.service_locks import ServiceLocks
+from rollbackd.runtime.tenancy import NotHolder, SoloTenancy, Tenancy
 from rollbackd.runtime.triggers import (
-    REFUSAL_LOG_EVERY,
     REFUSAL_QUIET,
-    Refusals,
     Settled,
     Submission,
     Trigger,
@@ -45,7 +50,7 @@ from rollbackd.runtime.triggers import (
     service_named,
 )
 from rollbackd.runtime.verify import Verifier
-from rollbackd.store.errors import ConflictError, StoreError
+from rollbackd.store.errors import ConflictError, FencedError, StoreError
 from rollbackd.store.interfaces import StateStore
 from rollbackd.store.writer import writer_for
 
@@ -68,6 +73,7 @@ class _Case:
     current: str | None
     release: int
     standing: bool
+    fence: Fence | None
 
 
 class Pipeline:
@@ -78,8 +84,10 @@ class Pipeline:
         bus: EventBus | None = None,
         verifier: Verifier | None = None,
         clock: Callable[[], float] = time.time,
+        tenancy: Tenancy | None = None,
     ) -> None:
         self.engine = engine
+        self.tenancy: Tenancy = tenancy or SoloTenancy()
         self.store: StateStore = engine.store
         self.writer = writer_for(self.store)
         self.bus = bus or engine.bus
@@ -87,12 +95,13 @@ class Pipeline:
         self.clock = clock
         self._locks = ServiceLocks()
         self._background = Background()
-        self._refusals = Refusals()
         self._settled = Settled()
         # The parts read the time through ``_now``: tests replace ``pipeline.clock``.
         self.announce = Announcer(self.store, self.bus, self._now)
         self.execution = Execution(engine, self.announce, self.verifier, self._now)
-        self.recovery = Recovery(engine, self.execution, self._locks, self._background, self._now)
+        self.recovery = Recovery(
+            engine, self.execution, self._locks, self._background, self._now, self.tenancy
+        )
 
     def _now(self) -> float:
         return self.clock()
@@ -111,7 +120,12 @@ class Pipeline:
         service = service_named(self.engine, trigger.service)
         async with self._locks.hold(trigger.service):
             try:
-                return await self._decide(service, trigger)
+                fence = self.tenancy.fence(trigger.service)
+                return await self._decide(service, trigger, fence)
+            except (NotHolder, FencedError) as exc:
+                # Another daemon holds the service (or took it just now): it decides.
+                log.info("not deciding: not the holder", service=trigger.service, why=str(exc))
+                return Submission("not_holder", None, None, str(exc))
             except StoreError as exc:
                 # Never act on what cannot be recorded: without the record, idempotency,
                 # cooldown and the audit trail are gone.
@@ -130,27 +144,39 @@ class Pipeline:
         refuses it for now: it stays pending)."""
         rollback = self._require(rollback_id)
         async with self._locks.hold(rollback.service):
+            fence = self._fence_for_person(rollback.service)
             now = self.clock()
             current = self._require(rollback_id)
             if current.state is RollbackState.PENDING:
-                await self._check_approvable(current, who, now)
+                await self._check_approvable(current, who, now, fence)
             running = await self.writer.set_rollback_state(
                 rollback_id,
                 RollbackState.RUNNING,
                 now,
                 expected=[RollbackState.PENDING],
                 decided_by=who,
+                fence=fence,
             )
-        self._background.spawn(self.execution.run(running))
+        self._background.spawn(self.execution.run(running, fence))
         return running
 
-    async def _check_approvable(self, pending: Rollback, who: str, now: float) -> None:
+    def _fence_for_person(self, service: str) -> Fence | None:
+        """The fence for a person's decision about ``service``; ConflictError (the API's
+        409, with why) when another daemon holds it and must decide."""
+        try:
+            return self.tenancy.fence(service)
+        except NotHolder as exc:
+            raise ConflictError(f"{exc}: ask the daemon that holds it") from exc
+
+    async def _check_approvable(
+        self, pending: Rollback, who: str, now: float, fence: Fence | None
+    ) -> None:
         """ConflictError unless the pending rollback may run now; one past its deadline
         or superseded is expired on the way (the sweep runs every few seconds: an approval
         in between must not run what nobody decided on in time)."""
         over = overdue(self.engine, pending, now)
         if over is not None:
-            expired = await self._expire(pending, now, superseded=over.superseded)
+            expired = await self._expire(pending, now, fence, superseded=over.superseded)
             if over.superseded is None:
                 state = expired.state if expired is not None else "decided meanwhile"
                 raise ConflictError(f"rollback {pending.id} is {state}, not pending")
@@ -184,6 +210,7 @@ class Pipeline:
                 expected=[RollbackState.PENDING],
                 decided_by=who,
                 outcome=f"rejected by {who}" + (f": {reason}" if reason else ""),
+                fence=self._fence_for_person(rollback.service),
             )
             await self.announce.rollback_event(
                 "rollback.rejected", rejected, {"by": who, "reason": reason}
@@ -196,6 +223,8 @@ class Pipeline:
         now = self.clock()
         expired = []
         for pending in self.store.rollbacks(states=[RollbackState.PENDING], limit=1000):
+            if not self.tenancy.may_act(pending.service):
+                continue  # another daemon holds it: it expires its own
             if overdue(self.engine, pending, now) is None:
                 continue  # the common case, without taking the lock
             async with self._locks.hold(pending.service):
@@ -206,7 +235,11 @@ class Pipeline:
                 over = overdue(self.engine, current, now)
                 if over is None:
                     continue
-                done = await self._expire(current, now, superseded=over.superseded)
+                try:
+                    fence = self.tenancy.fence(current.service)
+                    done = await self._expire(current, now, fence, superseded=over.superseded)
+                except (NotHolder, FencedError):
+                    continue  # the lease went meanwhile: its new holder expires it
             if done is not None:
                 expired.append(done)
         return expired
@@ -218,7 +251,7 @@ class Pipeline:
         await self.reconsider()
 
     async def _expire(
-        self, rollback: Rollback, now: float, *, superseded: str | None = None
+        self, rollback: Rollback, now: float, fence: Fence | None, *, superseded: str | None = None
     ) -> Rollback | None:
         """Mark one pending rollback expired; None if it was decided meanwhile. The caller
         holds the service's lock."""
@@ -231,6 +264,7 @@ class Pipeline:
                 outcome="no decision before the approval timeout"
                 if superseded is None
                 else f"superseded: {superseded}",
+                fence=fence,
             )
         except ConflictError:
             return None
@@ -256,7 +290,7 @@ class Pipeline:
     # -- deciding -------------------------------------------------------------------
 
     async def _decide(
-        self, service: Service, trigger: Trigger, *, standing: bool = False
+        self, service: Service, trigger: Trigger, fence: Fence | None, *, standing: bool = False
     ) -> Submission:
         """Decide one trigger; the caller holds the service's lock. ``standing``: a trigger
         that still fires, decided again by ``reconsider``: it acts only when the decision
@@ -271,7 +305,7 @@ class Pipeline:
             return await self._join(existing, trigger, current, standing=standing)
         facts = guard_facts(self.engine, service, trigger, current)
         decision = decide(facts)
-        case = _Case(name, trigger, current, release, standing)
+        case = _Case(name, trigger, current, release, standing, fence)
         if decision.outcome is Outcome.REFUSE:
             return await self._refuse(case, decision)
         return await self._create(case, facts, decision)
@@ -300,43 +334,20 @@ class Pipeline:
         if not lapses(decision):
             self._settled.settle(case.service, case.release, case.trigger)  # "never"
         if not case.standing:
-            await self._announce_refusal(case, decision)
+            failed = tuple(g.guard for g in decision.guards if not g.passed)
+            key = (case.service, case.current, case.release, failed)
+            await self.announce.refusal(key, case.service, case.trigger, decision)
         if decision.freeze:
             await self.announce.freeze(case.service, decision.reason, case.trigger.at)
         return Submission("refused", None, decision, decision.reason)
-
-    async def _announce_refusal(self, case: _Case, decision: Decision) -> None:
-        """``rollback.refused`` and a warning, once per quiet period for the same refusal."""
-        now = case.trigger.at
-        failed = tuple(g.guard for g in decision.guards if not g.passed)
-        repeats = self._refusals.repeat((case.service, case.current, case.release, failed), now)
-        if repeats is None:
-            await self.bus.publish(
-                "rollback.refused",
-                now,
-                case.service,
-                data={
-                    "reason": decision.reason,
-                    "guards": _guards_json(decision),
-                    "lapses": lapses(decision),
-                    "trigger": case.trigger.as_json(),
-                },
-            )
-            log.warning("rollback refused", service=case.service, reason=decision.reason)
-        elif repeats % REFUSAL_LOG_EVERY == 0:
-            log.info(
-                "rollback refused again",
-                service=case.service,
-                reason=decision.reason,
-                times=repeats,
-            )
 
     async def _create(self, case: _Case, facts: GuardFacts, decision: Decision) -> Submission:
         name, trigger = case.service, case.trigger
         state = _STATE_OF[decision.outcome]
         guards = _guards_json(decision)
         try:
-            rollback = await self.writer.create_rollback(self._draft(case, facts, state, guards))
+            draft = self._draft(case, facts, state, guards)
+            rollback = await self.writer.create_rollback(draft, fence=case.fence)
         except ConflictError as exc:  # the database's own guard: one per release
             existing = self.store.latest_rollback(name, case.current, case.release)
             return Submission("joined", existing, decision, str(exc))
@@ -358,7 +369,7 @@ class Pipeline:
                 "rollback.pending", rollback, {"guards": guards, "expires_at": rollback.expires_at}
             )
             return Submission("pending_approval", rollback, decision, "waiting for approval")
-        self._background.spawn(self.execution.run(rollback))
+        self._background.spawn(self.execution.run(rollback, case.fence))
         return Submission("executing", rollback, decision, decision.reason)
 
     def _draft(
@@ -398,12 +409,17 @@ class Pipeline:
         at = self.clock() if now is None else now
         done: list[Submission] = []
         for service in list(self.engine.loaded.services.values()):
+            if not self.tenancy.may_act(service.name):
+                continue  # another daemon holds it: it decides again
             triggers = self._standing(service, at)
             if not triggers:
                 continue
             async with self._locks.hold(service.name):
                 try:
-                    submission = await self._reconsider_service(service, triggers)
+                    fence = self.tenancy.fence(service.name)
+                    submission = await self._reconsider_service(service, triggers, fence)
+                except (NotHolder, FencedError):
+                    continue  # the lease went meanwhile: its new holder decides
                 except StoreError as exc:
                     log.critical(
                         "state store failed: a standing trigger is decided again later",
@@ -430,7 +446,7 @@ class Pipeline:
         return triggers
 
     async def _reconsider_service(
-        self, service: Service, triggers: list[Trigger]
+        self, service: Service, triggers: list[Trigger], fence: Fence | None
     ) -> Submission | None:
         """The caller holds the service's lock."""
         name = service.name
@@ -450,7 +466,7 @@ class Pipeline:
                 joined[release] = existing is not None and joins(existing, trigger, self._mode())
             if joined[release]:
                 continue
-            submission = await self._decide(service, trigger, standing=True)
+            submission = await self._decide(service, trigger, fence, standing=True)
             if submission.outcome != "refused":
                 return submission
             if submission.decision is not None and lapses(submission.decision):

@@ -4,6 +4,10 @@ evaluation and decision meet, so that the engine knows nothing of the pipeline.
 A firing the pipeline could not record (``on_fire`` returned False: the state store
 failed) is handed over again at every evaluation of its check while its series still
 fires, so that a breach seen while the disk was full is acted on once it is not.
+
+With several daemons on one database, each evaluates, observes and bakes only the services
+its ``Tenancy`` may act on now (the ones whose lease it holds); the others are another
+daemon's. One daemon alone (``SoloTenancy``) acts on all of them.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from rollbackd.core.samples import Labels
 from rollbackd.logs import get_logger
 from rollbackd.runtime.engine import Answers, Engine
 from rollbackd.runtime.firings import CheckEvaluation, Firing
+from rollbackd.runtime.tenancy import SoloTenancy, Tenancy
 
 log = get_logger("rollbackd.engine")
 
@@ -28,10 +33,14 @@ OnFire = Callable[[Firing], Awaitable[bool]]
 
 
 class Runner:
-    def __init__(self, engine: Engine, on_fire: OnFire | None = None) -> None:
-        """``on_fire``: None hands nothing over (a scheduler under test, say)."""
+    def __init__(
+        self, engine: Engine, on_fire: OnFire | None = None, tenancy: Tenancy | None = None
+    ) -> None:
+        """``on_fire``: None hands nothing over (a scheduler under test, say). ``tenancy``:
+        which services this daemon may act on (default: all, ``SoloTenancy``)."""
         self.engine = engine
         self.on_fire = on_fire
+        self.tenancy: Tenancy = SoloTenancy() if tenancy is None else tenancy
         self._not_handed_over: dict[tuple[str, str, Labels], Firing] = {}
         """Firings the pipeline could not record, by (service, check, series)."""
 
@@ -48,19 +57,33 @@ class Runner:
 
     async def run_check(
         self, service: Service, check: CheckSpec, now: float, *, answers: Answers | None = None
-    ) -> CheckEvaluation:
+    ) -> CheckEvaluation | None:
+        """The check evaluated and its firings handed over; None (nothing done) when the
+        service is another daemon's."""
+        if not self.tenancy.may_act(service.name):
+            return None
         evaluation = await self.engine.run_check(service, check, now, answers=answers)
         await self.hand_over(evaluation)
         return evaluation
 
     async def run_batch(self, batch: Batch, now: float) -> list[CheckEvaluation]:
+        """The members whose service this daemon may act on, still with one query for
+        them all (the batch's); nothing when it may act on none."""
+        mine = tuple(m for m in batch.members if self.tenancy.may_act(m.service.name))
+        if not mine:
+            return []
+        if len(mine) < len(batch.members):
+            batch = replace(batch, members=mine)  # same id: same job, same rejection memory
         evaluations = await self.engine.run_batch(batch, now)
         for evaluation in evaluations:
             await self.hand_over(evaluation)
         return evaluations
 
     async def run_service(self, service: Service, now: float) -> None:
-        """The service's own job: its version and canary, then its bake."""
+        """The service's own job: its version and canary, then its bake (only while this
+        daemon may act on the service)."""
+        if not self.tenancy.may_act(service.name):
+            return
         await self.engine.observe_service(service, now)
         await self.engine.bake(service, now)
 

@@ -117,7 +117,8 @@ class Submission:
 
     outcome: str
     """``executing``, ``pending_approval``, ``dry_run``, ``refused``, ``joined``,
-    ``ignored``, or ``unrecorded`` (the state store failed: nothing was done)."""
+    ``ignored``, ``unrecorded`` (the state store failed: nothing was done), or
+    ``not_holder`` (another daemon holds the service's lease: it decides; nothing done)."""
     rollback: Rollback | None
     decision: Decision | None
     reason: str

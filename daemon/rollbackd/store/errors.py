@@ -13,3 +13,8 @@ class SchemaTooNewError(StoreError):
 
 class ConflictError(StoreError):
     """A write was based on a state that another writer changed meanwhile."""
+
+
+class FencedError(StoreError):
+    """A fenced write was refused: the writer does not hold the service's lease with the
+    fence's epoch now (it expired, or another daemon took it over). Nothing was written."""

@@ -29,6 +29,7 @@ from typing import Protocol
 from rollbackd.core.model import (
     AlertDraft,
     Event,
+    Fence,
     JSONValue,
     Lease,
     Rollback,
@@ -173,11 +174,15 @@ class CheckStateStore(Protocol):
 class RollbackStore(Protocol):
     """Rollbacks, the executor steps each ran, and the triggers recorded against them."""
 
-    def create_rollback(self, draft: RollbackDraft) -> Rollback:
+    def create_rollback(self, draft: RollbackDraft, *, fence: Fence | None = None) -> Rollback:
         """Record a new rollback and return it as stored (``finished_at`` is ``at`` when
         the draft's state is not live). Raises ConflictError when the release already has
         a pending, running, verifying or succeeded one: the unique key is (service,
-        from_version, release_id), an unknown from_version counting as one value."""
+        from_version, release_id), an unknown from_version counting as one value.
+
+        With a ``fence``: only while, in the write's own transaction, the service's lease
+        has the fence's holder and epoch and is live by the store's clock (as ``holds``);
+        else FencedError and nothing is written."""
         ...
 
     def rollback(self, rollback_id: int) -> Rollback | None:
@@ -212,6 +217,7 @@ class RollbackStore(Protocol):
         decided_by: str | None = None,
         to_version: str | None = None,
         canary: bool | None = None,
+        fence: Fence | None = None,
     ) -> Rollback:
         """Move a rollback to ``state`` at ``at`` and return it as stored. The first move
         to running sets started_at; a move to a state that is not live sets finished_at.
@@ -220,7 +226,11 @@ class RollbackStore(Protocol):
 
         With ``expected``, only from one of those states, else ConflictError and nothing
         changes: approve and reject (or expiry) racing each other, say. StoreError when
-        there is no such rollback."""
+        there is no such rollback.
+
+        With a ``fence``: only while the rollback's service's lease has the fence's holder
+        and epoch and is live, judged in the same transaction as the move (as
+        ``create_rollback``); else FencedError and nothing changes."""
         ...
 
     def add_trigger(

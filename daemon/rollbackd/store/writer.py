@@ -21,6 +21,7 @@ from typing import ParamSpec, TypeVar
 from rollbackd.core.model import (
     AlertDraft,
     Event,
+    Fence,
     JSONValue,
     Rollback,
     RollbackDraft,
@@ -99,8 +100,10 @@ class StoreWriter:
     async def delete_check_state(self, service: str, check: str) -> None:
         await self._run(self.store.delete_check_state, service, check)
 
-    async def create_rollback(self, draft: RollbackDraft) -> Rollback:
-        return await self._run(self.store.create_rollback, draft)
+    async def create_rollback(
+        self, draft: RollbackDraft, *, fence: Fence | None = None
+    ) -> Rollback:
+        return await self._run(self.store.create_rollback, draft, fence=fence)
 
     async def set_rollback_state(
         self,
@@ -113,6 +116,7 @@ class StoreWriter:
         decided_by: str | None = None,
         to_version: str | None = None,
         canary: bool | None = None,
+        fence: Fence | None = None,
     ) -> Rollback:
         return await self._run(
             self.store.set_rollback_state,
@@ -124,6 +128,7 @@ class StoreWriter:
             decided_by=decided_by,
             to_version=to_version,
             canary=canary,
+            fence=fence,
         )
 
     async def add_trigger(

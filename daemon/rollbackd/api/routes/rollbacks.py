@@ -66,7 +66,11 @@ async def one_rollback(rollback_id: RollbackId, api: Api) -> RollbackOut:
     "/rollbacks",
     status_code=202,
     response_model=SubmissionOut,
-    responses={**BODY_ERRORS, 404: {"model": ErrorOut, "description": "unknown service"}},
+    responses={
+        **BODY_ERRORS,
+        404: {"model": ErrorOut, "description": "unknown service"},
+        409: {"model": ErrorOut, "description": "another daemon holds the service"},
+    },
 )
 async def request_rollback(body: RollbackRequest, api: Api) -> SubmissionOut:
     """A manual rollback, through the same pipeline as every other: guards, executors,
@@ -88,6 +92,8 @@ async def request_rollback(body: RollbackRequest, api: Api) -> SubmissionOut:
         raise HTTPException(404, str(exc)) from None
     if submission.outcome == "unrecorded":
         raise StoreError(submission.reason)
+    if submission.outcome == "not_holder":  # another daemon holds the service: it decides
+        raise HTTPException(409, submission.reason)
     log.info(
         "manual rollback requested",
         service=body.service,

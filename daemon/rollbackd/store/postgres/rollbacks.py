@@ -5,7 +5,11 @@ Both decisions that daemons sharing the database could race on are single statem
 new rollback is an ``INSERT ... ON CONFLICT DO NOTHING`` on the one-per-release index (a
 second daemon's insert waits for the first's to commit, then finds the conflict), and a
 conditional state move is an ``UPDATE ... WHERE state = ANY(expected)``, which PostgreSQL
-re-checks on the row as the other writer left it."""
+re-checks on the row as the other writer left it.
+
+A fenced write first reads the service's lease ``FOR SHARE``, by the server's clock (as
+``leases.py``), in the write's own transaction: another daemon's takeover (an ``UPDATE`` of
+that row) waits until the write has committed, so no write lands after a takeover."""
 
 from __future__ import annotations
 
@@ -13,11 +17,21 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from rollbackd.core.model import JSONValue, Rollback, RollbackDraft, RollbackState, Step, Trigger
-from rollbackd.store.errors import ConflictError, StoreError
+from rollbackd.core.model import (
+    Fence,
+    JSONValue,
+    Rollback,
+    RollbackDraft,
+    RollbackState,
+    Step,
+    Trigger,
+)
+from rollbackd.store.errors import ConflictError, FencedError, StoreError
 from rollbackd.store.interfaces import RollbackStore
 from rollbackd.store.postgres import rows
+from rollbackd.store.postgres.connections import Connection
 from rollbackd.store.postgres.database import Database
+from rollbackd.store.postgres.leases import CLOCK
 
 # The predicate of the rollbacks_one_per_release index, which ON CONFLICT must name.
 _CLAIMS_RELEASE = "state IN ('pending', 'running', 'verifying', 'succeeded')"
@@ -44,8 +58,26 @@ _MOVE_ROLLBACK = f"""
     RETURNING {rows.ROLLBACK_COLUMNS}"""  # noqa: S608
 
 
+_FENCE = f"""
+    SELECT 1 FROM leases
+    WHERE service = %s AND holder = %s AND epoch = %s AND expires_at > {CLOCK}
+    FOR SHARE"""  # noqa: S608
+
+
+def _check_fence(conn: Connection, service: str, fence: Fence | None) -> None:
+    """FencedError unless ``fence`` (when given) holds ``service``'s live lease now. The
+    row stays share-locked until the caller's transaction ends: a takeover waits for it."""
+    if fence is None:
+        return
+    if conn.execute(_FENCE, (service, fence.holder, fence.epoch)).fetchone() is None:
+        raise FencedError(
+            f"service {service!r}: {fence.holder!r} does not hold its lease with epoch "
+            f"{fence.epoch} now"
+        )
+
+
 class PostgresRollbacks(Database, RollbackStore):
-    def create_rollback(self, draft: RollbackDraft) -> Rollback:
+    def create_rollback(self, draft: RollbackDraft, *, fence: Fence | None = None) -> Rollback:
         state = RollbackState(draft.state)
         params = (
             draft.service,
@@ -67,6 +99,7 @@ class PostgresRollbacks(Database, RollbackStore):
             None if state.live else draft.at,
         )
         with self._write() as conn:
+            _check_fence(conn, draft.service, fence)
             row = conn.execute(_INSERT_ROLLBACK, params).fetchone()
             if row is None:
                 # rollbacks_one_per_release said no.
@@ -131,6 +164,7 @@ class PostgresRollbacks(Database, RollbackStore):
         decided_by: str | None = None,
         to_version: str | None = None,
         canary: bool | None = None,
+        fence: Fence | None = None,
     ) -> Rollback:
         state = RollbackState(state)
         params = {
@@ -147,6 +181,13 @@ class PostgresRollbacks(Database, RollbackStore):
             "expected": [RollbackState(e).value for e in expected or ()],
         }
         with self._write() as conn:
+            if fence is not None:
+                owner = conn.execute(
+                    "SELECT service FROM rollbacks WHERE id = %s", (rollback_id,)
+                ).fetchone()
+                if owner is None:
+                    raise StoreError(f"no rollback {rollback_id}")
+                _check_fence(conn, owner[0], fence)
             row = conn.execute(_MOVE_ROLLBACK, params).fetchone()
             if row is not None:
                 return rows.rollback(row)

@@ -1,5 +1,8 @@
 """SQLite tables ``rollbacks``, ``rollback_steps`` and ``rollback_triggers``: the
-:class:`RollbackStore`."""
+:class:`RollbackStore`.
+
+A fenced write checks the service's lease inside its own ``BEGIN IMMEDIATE`` transaction,
+by SQLite's clock (as ``leases.py``): no other connection can move the lease in between."""
 
 from __future__ import annotations
 
@@ -7,17 +10,44 @@ import json
 import sqlite3
 from collections.abc import Mapping, Sequence
 
-from rollbackd.core.model import JSONValue, Rollback, RollbackDraft, RollbackState, Step, Trigger
-from rollbackd.store.errors import ConflictError, StoreError
+from rollbackd.core.model import (
+    Fence,
+    JSONValue,
+    Rollback,
+    RollbackDraft,
+    RollbackState,
+    Step,
+    Trigger,
+)
+from rollbackd.store.errors import ConflictError, FencedError, StoreError
 from rollbackd.store.interfaces import RollbackStore
 from rollbackd.store.sqlite import rows
 from rollbackd.store.sqlite.database import Database
+from rollbackd.store.sqlite.leases import CLOCK
+
+
+def _check_fence(conn: sqlite3.Connection, service: str, fence: Fence | None) -> None:
+    """FencedError unless ``fence`` (when given) holds ``service``'s live lease now; run
+    inside the write's transaction, so the check and the write are one step."""
+    if fence is None:
+        return
+    row = conn.execute(
+        f"""SELECT 1 FROM leases WHERE service = ? AND holder = ? AND epoch = ?
+            AND expires_at > {CLOCK}""",  # noqa: S608
+        (service, fence.holder, fence.epoch),
+    ).fetchone()
+    if row is None:
+        raise FencedError(
+            f"service {service!r}: {fence.holder!r} does not hold its lease with epoch "
+            f"{fence.epoch} now"
+        )
 
 
 class SQLiteRollbacks(Database, RollbackStore):
-    def create_rollback(self, draft: RollbackDraft) -> Rollback:
+    def create_rollback(self, draft: RollbackDraft, *, fence: Fence | None = None) -> Rollback:
         state = RollbackState(draft.state)
         with self._write() as conn:
+            _check_fence(conn, draft.service, fence)
             try:
                 cursor = conn.execute(
                     """INSERT INTO rollbacks (
@@ -111,15 +141,17 @@ class SQLiteRollbacks(Database, RollbackStore):
         decided_by: str | None = None,
         to_version: str | None = None,
         canary: bool | None = None,
+        fence: Fence | None = None,
     ) -> Rollback:
         state = RollbackState(state)
         with self._write() as conn:
             # Read inside the write transaction: the check and the move are one step.
             row = conn.execute(
-                "SELECT state FROM rollbacks WHERE id = ?", (rollback_id,)
+                "SELECT state, service FROM rollbacks WHERE id = ?", (rollback_id,)
             ).fetchone()
             if row is None:
                 raise StoreError(f"no rollback {rollback_id}")
+            _check_fence(conn, row[1], fence)
             current = RollbackState(row[0])
             if expected is not None and current not in expected:
                 raise ConflictError(
