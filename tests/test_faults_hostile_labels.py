@@ -651,6 +651,7 @@ async def test_hostile_alert_text_stays_one_literal_value_in_every_executor(
                 "reason": rollback.reason,
                 "rollback_id": f"rb-{rollback.id}",
                 "canary": "false",
+                "fencing_token": "",  # one daemon alone: no lease, no fence
             }
             CHECKS[kind](world, variant.service, values)
         huge = next(v for v in VARIANTS if v.name == "huge")
