@@ -9,7 +9,7 @@ The same Protocols (:mod:`rollbackd.store.interfaces`) and behaviour as the SQLi
 * ``migrations``: the schema, numbered as SQLite's, applied under an advisory lock;
 * ``versions``, ``services``, ``check_states``, ``rollbacks``, ``alerts``, ``events``,
   ``leases``: one aggregate's tables each, as a mixin of :class:`PostgresStore`;
-* ``rows``: rows to dataclasses and back;
+* ``rows`` (``store/rows.py``, shared by both backends): rows to dataclasses and back;
 * ``store``: :class:`PostgresStore`, all of them together.
 
 Errors (:mod:`rollbackd.store.errors`)::

@@ -9,9 +9,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from rollbackd.core.model import AlertDraft, StoredAlert
+from rollbackd.store import rows
 from rollbackd.store.errors import StoreError
 from rollbackd.store.interfaces import AlertStore
-from rollbackd.store.postgres import rows
 from rollbackd.store.postgres.database import Database
 
 _UPSERT_ALERT = f"""

@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from rollbackd.core.model import Event
+from rollbackd.store import rows
 from rollbackd.store.errors import StoreError
 from rollbackd.store.interfaces import EventStore
-from rollbackd.store.postgres import rows
 from rollbackd.store.postgres.database import Database
 
 

@@ -26,9 +26,9 @@ from rollbackd.core.model import (
     Step,
     Trigger,
 )
+from rollbackd.store import rows
 from rollbackd.store.errors import ConflictError, FencedError, StoreError
 from rollbackd.store.interfaces import RollbackStore
-from rollbackd.store.postgres import rows
 from rollbackd.store.postgres.connections import Connection
 from rollbackd.store.postgres.database import Database
 from rollbackd.store.postgres.leases import CLOCK

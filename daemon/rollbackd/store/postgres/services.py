@@ -4,8 +4,8 @@
 from __future__ import annotations
 
 from rollbackd.core.model import ServiceState
+from rollbackd.store import rows
 from rollbackd.store.interfaces import ServiceStateStore
-from rollbackd.store.postgres import rows
 from rollbackd.store.postgres.database import Database
 
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 from rollbackd.core.model import VersionChange, VersionRecord, VersionSource
+from rollbackd.store import rows
 from rollbackd.store.errors import ConflictError
 from rollbackd.store.interfaces import VersionStore
-from rollbackd.store.postgres import rows
 from rollbackd.store.postgres.database import Database
 
 # When each version last went live: its latest change to it, else its first sighting.

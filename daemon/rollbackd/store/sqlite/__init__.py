@@ -7,7 +7,7 @@ All SQL of the project lives in this package, behind the Protocols of
 * ``migrations``: the schema, as numbered migrations;
 * ``versions``, ``services``, ``check_states``, ``rollbacks``, ``alerts``, ``events``,
   ``leases``: one aggregate's tables each, as a mixin of :class:`Store`;
-* ``rows``: rows to dataclasses and back;
+* ``rows`` (``store/rows.py``, shared by both backends): rows to dataclasses and back;
 * ``store``: :class:`Store`, all of them together.
 
 Errors (:mod:`rollbackd.store.errors`)::

@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from rollbackd.core.model import AlertDraft, StoredAlert
+from rollbackd.store import rows
 from rollbackd.store.interfaces import AlertStore
-from rollbackd.store.sqlite import rows
 from rollbackd.store.sqlite.database import Database
 
 

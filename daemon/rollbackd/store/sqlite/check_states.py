@@ -4,8 +4,8 @@
 from __future__ import annotations
 
 from rollbackd.core.model import StoredCheckState
+from rollbackd.store import rows
 from rollbackd.store.interfaces import CheckStateStore
-from rollbackd.store.sqlite import rows
 from rollbackd.store.sqlite.database import Database
 
 

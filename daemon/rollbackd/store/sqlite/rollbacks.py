@@ -19,9 +19,9 @@ from rollbackd.core.model import (
     Step,
     Trigger,
 )
+from rollbackd.store import rows
 from rollbackd.store.errors import ConflictError, FencedError, StoreError
 from rollbackd.store.interfaces import RollbackStore
-from rollbackd.store.sqlite import rows
 from rollbackd.store.sqlite.database import Database
 from rollbackd.store.sqlite.leases import CLOCK
 

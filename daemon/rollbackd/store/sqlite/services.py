@@ -4,8 +4,8 @@ version, bake clock, paused and frozen flags, pause scopes)."""
 from __future__ import annotations
 
 from rollbackd.core.model import ServiceState
+from rollbackd.store import rows
 from rollbackd.store.interfaces import ServiceStateStore
-from rollbackd.store.sqlite import rows
 from rollbackd.store.sqlite.database import Database
 
 

@@ -1,9 +1,9 @@
-"""Between PostgreSQL rows and the domain's dataclasses: column lists, row mappers, JSON.
+"""Between a backend's rows and the domain's dataclasses: column lists, row mappers, JSON.
 
-Each ``*_COLUMNS`` list and its mapper read the same positions, so they live side by side:
-change one and the other is on the same screen. The JSON is written exactly as the SQLite
-store writes it (same text for the same data), and read back from ``json`` columns as
-text (``connections`` makes them so), parsed here.
+Shared by every SQL backend: both select the same columns in the same order, so each
+``*_COLUMNS`` list and its mapper read the same positions and live side by side. JSON is
+written as text, the same text for the same data on every backend, and parsed here
+(PostgreSQL's ``json`` columns are read as text: ``postgres/connections`` makes them so).
 """
 
 from __future__ import annotations
