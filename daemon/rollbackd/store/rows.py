@@ -16,6 +16,7 @@ from typing import Any
 from rollbackd.core.model import (
     Event,
     JSONValue,
+    Lease,
     Rollback,
     RollbackState,
     ServiceState,
@@ -218,3 +219,24 @@ def event(row: Row) -> Event:
         rollback_id=None if row[4] is None else int(row[4]),
         data=json.loads(row[5]),
     )
+
+
+def lease(row: Sequence[Any]) -> Lease:
+    return Lease(
+        service=row[0],
+        holder=row[1],
+        epoch=int(row[2]),
+        acquired_at=float(row[3]),
+        expires_at=float(row[4]),
+    )
+
+
+def check_ttl(ttl: float) -> None:
+    """Refuse a ttl that is negative or not finite, before touching the database."""
+    if not math.isfinite(ttl) or ttl < 0:
+        raise ValueError(f"ttl must be finite and 0 or more, got: {ttl}")
+
+
+def check_name(what: str, name: str) -> None:
+    if not name:
+        raise ValueError(f"{what} must not be empty")

@@ -18,14 +18,13 @@ that a later tenure can pass it. A release expires the row instead.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
-from typing import Any
 
 from rollbackd.core.model import Lease
 from rollbackd.store.errors import StoreError
 from rollbackd.store.interfaces import LeaseStore
 from rollbackd.store.postgres.database import Database
+from rollbackd.store.rows import check_name, check_ttl, lease
 
 CLOCK = "extract(epoch FROM clock_timestamp())::double precision"
 """The server's clock as unix seconds, at the moment it is read."""
@@ -65,27 +64,6 @@ _RELEASE = f"""
     {_WITH_CLOCK}
     UPDATE leases SET expires_at = clock.now FROM clock
     WHERE service = %(service)s AND holder = %(holder)s AND expires_at > clock.now"""  # noqa: S608
-
-
-def lease(row: Sequence[Any]) -> Lease:
-    return Lease(
-        service=row[0],
-        holder=row[1],
-        epoch=int(row[2]),
-        acquired_at=float(row[3]),
-        expires_at=float(row[4]),
-    )
-
-
-def check_ttl(ttl: float) -> None:
-    """Refuse a ttl that is negative or not finite, before touching the database."""
-    if not math.isfinite(ttl) or ttl < 0:
-        raise ValueError(f"ttl must be finite and 0 or more, got: {ttl}")
-
-
-def check_name(what: str, name: str) -> None:
-    if not name:
-        raise ValueError(f"{what} must not be empty")
 
 
 class PostgresLeases(Database, LeaseStore):

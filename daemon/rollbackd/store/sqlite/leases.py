@@ -13,40 +13,18 @@ that a later tenure can pass it. A release expires the row instead.
 
 from __future__ import annotations
 
-import math
 import sqlite3
 from collections.abc import Sequence
-from typing import Any
 
 from rollbackd.core.model import Lease
 from rollbackd.store.interfaces import LeaseStore
+from rollbackd.store.rows import check_name, check_ttl, lease
 from rollbackd.store.sqlite.database import Database
 
 CLOCK = "(julianday('now') - 2440587.5) * 86400.0"
 """SQLite's clock as unix seconds (millisecond resolution); constant within a statement."""
 
 LEASE_COLUMNS = "service, holder, epoch, acquired_at, expires_at"
-
-
-def lease(row: Sequence[Any]) -> Lease:
-    return Lease(
-        service=row[0],
-        holder=row[1],
-        epoch=int(row[2]),
-        acquired_at=float(row[3]),
-        expires_at=float(row[4]),
-    )
-
-
-def check_ttl(ttl: float) -> None:
-    """Refuse a ttl that is negative or not finite, before touching the database."""
-    if not math.isfinite(ttl) or ttl < 0:
-        raise ValueError(f"ttl must be finite and 0 or more, got: {ttl}")
-
-
-def check_name(what: str, name: str) -> None:
-    if not name:
-        raise ValueError(f"{what} must not be empty")
 
 
 def _now(conn: sqlite3.Connection) -> float:
