@@ -166,6 +166,9 @@ EVALUATION_SIDE = (
 )
 DECISION_SIDE = {
     "rollbackd.runtime.pipeline",
+    "rollbackd.runtime.deciding",
+    "rollbackd.runtime.approvals",
+    "rollbackd.runtime.reconsider",
     "rollbackd.runtime.execution",
     "rollbackd.runtime.recovery",
     "rollbackd.runtime.guard_facts",

@@ -24,6 +24,9 @@ class Firing:
     action: Action
     measurement: Measurement
     version: str | None
+    """The version tracked as current when the firing was reported (for its event). A
+    version-scoped check's series also carry, in their version label, the version they
+    were judged as: what the pipeline compares with the current one (``Trigger.judged_for``)."""
     breach_started: float
     at: float
 

@@ -58,6 +58,14 @@ def release_id(store: StateStore, service: str, current: str | None) -> int:
     return 0
 
 
+def release_of_version(store: StateStore, service: str, version: str | None) -> int:
+    """The latest release of ``version`` (the change that last made it current), current
+    or not: what a firing judged for a version since replaced is about. 0 when no change
+    to it is recorded, as ``release_id`` answers for a version without one."""
+    changes = store.version_changes(service, 50)
+    return next((c.id for c in changes if version is not None and c.to_version == version), 0)
+
+
 def release_of(store: StateStore, service: str, current: str | None, trigger: Trigger) -> int:
     """What a rollback undoes. With a known version, its release. Without one (no
     version_query, no release recorded), the firing episode: a trigger whose breach

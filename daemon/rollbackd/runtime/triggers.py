@@ -53,10 +53,17 @@ class Trigger:
     """What keeps firing behind an automatic trigger (a check's series, an alert): the
     pipeline decides once per release and key, and again only after a refusal that may
     lapse."""
+    judged_for: str | None = None
+    """The version whose series fired, for a firing of a version-scoped check (the version
+    current when it was judged); None for any other trigger, which is about whatever
+    version is current when it is decided."""
 
     @classmethod
-    def from_firing(cls, firing: Firing) -> Trigger:
+    def from_firing(cls, firing: Firing, service: Service | None = None) -> Trigger:
+        """``service``: as configured, to tell the version a version-scoped check judged
+        (``judged_for``); None (or a service no longer configured) tells none."""
         m = firing.measurement
+        judged = _judged_for(firing, service)
         return cls(
             service=firing.service,
             source="check",
@@ -64,6 +71,7 @@ class Trigger:
             at=firing.at,
             breach_started=firing.breach_started,
             key=("check", firing.check, m.labels),
+            judged_for=judged,
             detail={
                 "check": firing.check,
                 "series": dict(m.labels),
@@ -74,7 +82,7 @@ class Trigger:
                 ),
                 "query": m.query,
                 "reason": m.reason,
-                "version": firing.version,
+                "version": firing.version if judged is None else judged,
             },
         )
 
@@ -99,6 +107,11 @@ class Trigger:
             key=("alert", alert.fingerprint, alert.starts_at),
         )
 
+    def stale(self, current: str | None) -> bool:
+        """Judged for a version that ``current`` has replaced since: not to be decided
+        against ``current`` (its series were another release's)."""
+        return self.judged_for is not None and self.judged_for != current
+
     def as_json(self) -> dict[str, JSONValue]:
         """As recorded with a rollback, its joined triggers and its refusal events."""
         return {
@@ -109,6 +122,22 @@ class Trigger:
             "requested_by": self.requested_by,
             **self.detail,
         }
+
+
+def _judged_for(firing: Firing, service: Service | None) -> str | None:
+    """The version a version-scoped check's firing series belongs to: its series carry the
+    version label, and only the version current when it was judged is judged. None for a
+    check that is not version-scoped: its series are the whole service's, kept across a
+    release (a breach seen just before a version change may be the new release's; the
+    guard ``breach_after_release`` tells), so it is decided against the version current.
+    None too when no version was known when it fired: every version's series was judged."""
+    label = service.rules.version_scope if service is not None else None
+    if service is None or label is None or firing.version is None:
+        return None
+    check = next((c for c in service.rules.check if c.name == firing.check), None)
+    if check is None or not check.groups_by_version:
+        return None
+    return dict(firing.measurement.labels).get(label)
 
 
 @dataclass(frozen=True)
