@@ -102,7 +102,8 @@ def webhook_payload(alertname: str, fingerprint: str) -> dict[str, Any]:
 
 
 def fill(directory: Path) -> None:
-    with (directory / "ballast").open("wb") as handle, contextlib.suppress(OSError):
+    # Unbuffered: a buffer left half-written by the full disk would fail again at close.
+    with (directory / "ballast").open("wb", buffering=0) as handle, contextlib.suppress(OSError):
         while True:
             handle.write(b"\0" * 65536)
             handle.flush()

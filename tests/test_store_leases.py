@@ -25,6 +25,7 @@ import pytest
 
 import test_store_contract as contract
 from rollbackd.core.model import Lease
+from rollbackd.store.errors import MemberTakenError
 from rollbackd.store.interfaces import StateStore
 from rollbackd.store.postgres import PostgresStore
 from rollbackd.store.sqlite import Store
@@ -39,6 +40,9 @@ DEADLOCK_GUARD = contract.DEADLOCK_GUARD
 
 TTL = 30.0
 """A lease time no test outlives: a lease taken with it is live for the whole test."""
+
+ME = "instance-1"
+"""The process id a heartbeat gives: one per process, here one for every member."""
 
 FAR_OFF = 4_000_000_000.0
 """A daemon clock about 2096: a store that read the daemon's clock would show it."""
@@ -184,20 +188,61 @@ def test_leases_lists_every_lease_live_or_expired_by_service(store: StateStore) 
 
 
 def test_heartbeat_lists_the_live_members_only(store: StateStore) -> None:
-    assert store.heartbeat("daemon-b", TTL) == ["daemon-b"]
-    assert store.heartbeat("daemon-a", TTL) == ["daemon-a", "daemon-b"]
-    assert store.heartbeat("daemon-c", 0) == ["daemon-a", "daemon-b"], "ttl 0: dead at once"
-    assert store.heartbeat("daemon-a", TTL) == ["daemon-a", "daemon-b"]
-    assert store.heartbeat("daemon-b", 0) == ["daemon-a"]
-    assert store.heartbeat("daemon-c", TTL) == ["daemon-a", "daemon-c"], "back to life"
+    assert store.heartbeat("daemon-b", TTL, ME) == ["daemon-b"]
+    assert store.heartbeat("daemon-a", TTL, ME) == ["daemon-a", "daemon-b"]
+    assert store.heartbeat("daemon-c", 0, ME) == ["daemon-a", "daemon-b"], "ttl 0: dead at once"
+    assert store.heartbeat("daemon-a", TTL, ME) == ["daemon-a", "daemon-b"]
+    assert store.heartbeat("daemon-b", 0, ME) == ["daemon-a"]
+    assert store.heartbeat("daemon-c", TTL, ME) == ["daemon-a", "daemon-c"], "back to life"
+
+
+def test_live_leases_lists_the_held_ones_only(store: StateStore) -> None:
+    assert store.live_leases() == []
+    search = store.acquire("search", "daemon-a", TTL)
+    store.acquire("checkout", "daemon-b", 0)
+    billing = store.acquire("billing", "daemon-a", TTL)
+    store.acquire("cart", "daemon-a", TTL)
+    store.release("cart", "daemon-a")
+    assert store.live_leases() == [billing, search]
+
+
+# One member name, one process
+
+
+def test_a_member_name_live_for_another_process_is_refused(store: StateStore) -> None:
+    assert store.heartbeat("daemon-a", TTL, "first") == ["daemon-a"]
+    assert store.heartbeat("daemon-b", TTL, "other") == ["daemon-a", "daemon-b"]
+    with pytest.raises(MemberTakenError) as refused:
+        store.heartbeat("daemon-a", TTL, "second")
+    assert str(refused.value) == (
+        f"another daemon is running as member 'daemon-a' on {store.location}: "
+        "give each daemon its own [store] member"
+    )
+    taken = refused.value
+    assert taken.member == "daemon-a"
+    assert taken.now < taken.expires_at <= taken.now + TTL, "the first's heartbeat, live"
+    with pytest.raises(MemberTakenError):
+        store.heartbeat("daemon-a", 0, "second")  # not even to say it left
+    # Nothing written: the first process keeps its name, and renews it as before.
+    assert store.heartbeat("daemon-a", TTL, "first") == ["daemon-a", "daemon-b"]
+
+
+def test_a_dead_member_name_is_free_for_another_process(store: StateStore) -> None:
+    # The first process stopped (ttl 0, as a keeper's goodbye) or was killed and lapsed.
+    store.heartbeat("daemon-a", TTL, "first")
+    assert store.heartbeat("daemon-a", 0, "first") == []
+    assert store.heartbeat("daemon-a", TTL, "second") == ["daemon-a"]
+    with pytest.raises(MemberTakenError):
+        store.heartbeat("daemon-a", TTL, "first")
 
 
 @pytest.mark.parametrize(
     "call",
     [
-        pytest.param(lambda s: s.heartbeat("daemon-a", -1.0), id="heartbeat-negative"),
-        pytest.param(lambda s: s.heartbeat("daemon-a", math.inf), id="heartbeat-inf"),
-        pytest.param(lambda s: s.heartbeat("", TTL), id="heartbeat-no-member"),
+        pytest.param(lambda s: s.heartbeat("daemon-a", -1.0, ME), id="heartbeat-negative"),
+        pytest.param(lambda s: s.heartbeat("daemon-a", math.inf, ME), id="heartbeat-inf"),
+        pytest.param(lambda s: s.heartbeat("", TTL, ME), id="heartbeat-no-member"),
+        pytest.param(lambda s: s.heartbeat("daemon-a", TTL, ""), id="heartbeat-no-instance"),
         pytest.param(lambda s: s.acquire("checkout", "daemon-a", -0.5), id="acquire-negative"),
         pytest.param(lambda s: s.acquire("checkout", "daemon-a", math.nan), id="acquire-nan"),
         pytest.param(lambda s: s.acquire("checkout", "", TTL), id="acquire-no-holder"),
@@ -211,7 +256,7 @@ def test_bad_arguments_are_refused(store: StateStore, call: Callable[[StateStore
     with pytest.raises(ValueError, match=r"ttl must be|must not be empty"):
         call(store)
     assert store.leases() == []
-    assert store.heartbeat("daemon-z", TTL) == ["daemon-z"]
+    assert store.heartbeat("daemon-z", TTL, ME) == ["daemon-z"]
 
 
 # The store's clock, not the daemon's
@@ -323,10 +368,31 @@ def test_postgres_racing_daemons_never_both_take_over_an_expired_lease(
             assert stores[-1].leases()[-1] == winners[0]
 
 
+def test_postgres_racing_processes_for_one_member_name_never_both_win(
+    postgres_database: Database,
+) -> None:
+    def heartbeat(store: PostgresStore, n: int) -> bool:
+        try:
+            store.heartbeat("daemon-a", TTL, f"instance-{n}")
+        except MemberTakenError:
+            return False
+        return True
+
+    with _postgres_stores(postgres_database, DAEMONS) as stores:
+        won = _race(stores, heartbeat)
+        assert won.count(True) == 1, won
+        winner = won.index(True)
+        for n, store in enumerate(stores):
+            if n != winner:
+                with pytest.raises(MemberTakenError):
+                    store.heartbeat("daemon-a", TTL, f"instance-{n}")
+        assert stores[winner].heartbeat("daemon-a", TTL, f"instance-{winner}") == ["daemon-a"]
+
+
 def test_postgres_daemons_see_each_others_leases_and_members(postgres_database: Database) -> None:
     with _postgres_stores(postgres_database, 2) as (first, second):
-        assert first.heartbeat("daemon-a", TTL) == ["daemon-a"]
-        assert second.heartbeat("daemon-b", TTL) == ["daemon-a", "daemon-b"]
+        assert first.heartbeat("daemon-a", TTL, ME) == ["daemon-a"]
+        assert second.heartbeat("daemon-b", TTL, ME) == ["daemon-a", "daemon-b"]
         held = first.acquire("checkout", "daemon-a", TTL)
         assert held is not None
         assert second.acquire("checkout", "daemon-b", TTL) is None

@@ -14,6 +14,7 @@ import psycopg
 import pytest
 
 from rollbackd.config.loader import Problem, load, validate
+from rollbackd.core.model import VersionSource
 from rollbackd.daemon import open_store
 from rollbackd.store.errors import StoreError
 from rollbackd.store.postgres import PostgresStore
@@ -246,3 +247,32 @@ def test_readyz_names_the_store_while_postgres_is_stopped(
             assert httpx.get(f"{daemon.url}/healthz", timeout=5).status_code == 200
             server.start()
             await_ready(daemon, True, "/readyz to say ready once PostgreSQL is back")
+
+
+def test_reads_fail_at_once_while_postgres_is_down_and_work_again_once_it_is_back() -> None:
+    """A read that cannot reach the server fails with a StoreError naming the database; the
+    reads after it fail the same way without trying (the event loop makes reads, and must
+    not wait on each), and once the server is back reads succeed again."""
+    with PostgresServer() as server:
+        database = server.create_database("rollbackd")
+        store = PostgresStore(database.url, password=database.password)
+        try:
+            store.record_version_change("api", None, "1.0", 100.0, VersionSource.API)
+            server.stop()
+            with pytest.raises(StoreError) as first:
+                store.versions("api")
+            assert str(first.value).startswith(f"state database {database.url}")
+            with pytest.raises(StoreError) as second:
+                store.versions("api")
+            assert str(second.value) == str(first.value)  # the same failure, not a new try
+            server.start()
+
+            def reads() -> bool:
+                try:
+                    return [v.version for v in store.versions("api")] == ["1.0"]
+                except StoreError:
+                    return False
+
+            poll(reads, timeout=60, interval=0.2, what="reads to work once PostgreSQL is back")
+        finally:
+            store.close()

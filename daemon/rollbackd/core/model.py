@@ -275,3 +275,43 @@ class Fence:
 
     holder: str
     epoch: int
+
+
+class HandoffKind(StrEnum):
+    """A request only a service's holder may carry out, taken by another daemon."""
+
+    APPROVE = "approve"
+    REJECT = "reject"
+    ROLLBACK = "rollback"
+    """A manual rollback request."""
+    RELEASE = "release"
+    """A release recorded by CI."""
+
+
+@dataclass(frozen=True)
+class HandoffDraft:
+    """A request to hand to the holder of ``service``: ``body`` is its arguments as data
+    (runtime/handoff_desk.py gives each kind's shape)."""
+
+    service: str
+    kind: HandoffKind
+    body: Mapping[str, JSONValue]
+    asked_by: str
+    """The member id of the daemon that took the request and waits for the answer."""
+
+
+@dataclass(frozen=True)
+class Handoff:
+    """A request handed to a service's holder, as stored: taken by at most one daemon
+    (``taken_by``), answered once (``answer``)."""
+
+    id: int
+    service: str
+    kind: HandoffKind
+    body: Mapping[str, JSONValue]
+    asked_by: str
+    asked_at: float
+    taken_by: str | None
+    taken_at: float | None
+    answered_at: float | None
+    answer: Mapping[str, JSONValue] | None

@@ -23,13 +23,15 @@ Contracts shared by every method:
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Protocol
 
 from rollbackd.core.model import (
     AlertDraft,
     Event,
     Fence,
+    Handoff,
+    HandoffDraft,
     JSONValue,
     Lease,
     Rollback,
@@ -306,6 +308,12 @@ class AlertStore(Protocol):
         record of the same alert (fingerprint and startsAt), the latest first."""
         ...
 
+    def unhandled_alerts(self, services: Sequence[str], limit: int = 100) -> list[StoredAlert]:
+        """Alerts of these services stored unhandled (firing and matched, not yet handed to
+        the pipeline: the daemon that received them does not hold the service, or stopped
+        before it could), the oldest first."""
+        ...
+
 
 class EventStore(Protocol):
     """The audit log: append-only, kept whatever happens to what it refers to."""
@@ -328,6 +336,44 @@ class EventStore(Protocol):
         ...
 
 
+class HandoffStore(Protocol):
+    """Requests handed to a service's holder by the daemon that took them (an approval, a
+    manual rollback, a release through the API of a daemon that does not hold the
+    service). Each is taken by one daemon at most and answered once; the asker reads the
+    answer back."""
+
+    def hand_off(self, draft: HandoffDraft, at: float) -> int:
+        """Store a request for the holder of ``draft.service``; its id. Wakes listeners
+        (``StateStore.listen``) once committed."""
+        ...
+
+    def take_handoffs(
+        self, taker: str, services: Sequence[str], at: float, limit: int = 100
+    ) -> list[Handoff]:
+        """Take the open requests of these services (not taken, not withdrawn), the
+        oldest first, marking them taken by ``taker``: a request is taken by one caller
+        only, however many race for it."""
+        ...
+
+    def answer_handoff(self, handoff_id: int, answer: Mapping[str, JSONValue], at: float) -> None:
+        """Record the answer of a taken request (wakes listeners once committed); a
+        request answered already keeps its first answer."""
+        ...
+
+    def withdraw_handoff(self, handoff_id: int, at: float) -> bool:
+        """The asker gives up on a request nobody took: True when it was still open (it is
+        now never taken), False when a taker has it already."""
+        ...
+
+    def handoff(self, handoff_id: int) -> Handoff | None: ...
+
+
+class Listening(Protocol):
+    """A subscription to the store's wake-ups (``StateStore.listen``)."""
+
+    def close(self) -> None: ...
+
+
 class LeaseStore(Protocol):
     """Per-service leases with fencing, and the live daemons: each service is held by one
     daemon (member) at a time, and each new tenure of a lease gets a higher epoch.
@@ -338,9 +384,13 @@ class LeaseStore(Protocol):
     0 or more and finite (0: expired at once), else ValueError; an empty ``member`` or
     ``holder`` (or ``service``) is a ValueError too, before touching storage."""
 
-    def heartbeat(self, member: str, ttl: float) -> list[str]:
-        """Record ``member`` as alive until now + ttl (the store's clock); return every
-        live member, sorted. A member not heard of within its ttl is dead."""
+    def heartbeat(self, member: str, ttl: float, instance: str) -> list[str]:
+        """Record ``member`` as alive until now + ttl (the store's clock), run by the
+        process ``instance``; return every live member, sorted. A member not heard of
+        within its ttl is dead. While ``member`` is live for another ``instance`` (two
+        daemons given one member name) nothing is written and ``MemberTakenError`` is
+        raised, for ttl 0 too; once it is dead, any instance may take the name. An empty
+        ``instance`` is a ValueError."""
         ...
 
     def acquire(self, service: str, holder: str, ttl: float) -> Lease | None:
@@ -368,6 +418,11 @@ class LeaseStore(Protocol):
         """Every lease, live or expired, sorted by service."""
         ...
 
+    def live_leases(self) -> list[Lease]:
+        """The leases live now by the store's clock (held by someone), sorted by
+        service: who holds what, for status."""
+        ...
+
     def holds(self, service: str, holder: str, epoch: int) -> bool:
         """The fencing check: ``holder`` holds ``service`` with ``epoch`` and the lease is
         live now, by the store's clock."""
@@ -382,9 +437,17 @@ class StateStore(
     AlertStore,
     EventStore,
     LeaseStore,
+    HandoffStore,
     Protocol,
 ):
     """The whole state store, with its lifecycle: the type the runtime depends on."""
+
+    def listen(self, wake: Callable[[], None]) -> Listening:
+        """Call ``wake`` (from another thread) soon after another daemon stored an alert to
+        handle or a request to hand off, or answered one: a hint to look now rather than
+        at the next poll, never the only way work is found (a wake-up may be lost while
+        the database is unreachable). One daemon alone (SQLite) is never woken."""
+        ...
 
     @property
     def location(self) -> str:

@@ -15,6 +15,8 @@ from typing import Any
 
 from rollbackd.core.model import (
     Event,
+    Handoff,
+    HandoffKind,
     JSONValue,
     Lease,
     Rollback,
@@ -204,6 +206,25 @@ def alert(row: Row) -> StoredAlert:
         handled_at=_optional_float(row[15]),
         outcome=row[16],
         rollback_id=None if row[17] is None else int(row[17]),
+    )
+
+
+HANDOFF_COLUMNS = """id, service, kind, body, asked_by, asked_at, taken_by, taken_at,
+       answered_at, answer"""
+
+
+def handoff(row: Row) -> Handoff:
+    return Handoff(
+        id=int(row[0]),
+        service=row[1],
+        kind=HandoffKind(row[2]),
+        body=json.loads(row[3]),
+        asked_by=row[4],
+        asked_at=float(row[5]),
+        taken_by=row[6],
+        taken_at=_optional_float(row[7]),
+        answered_at=_optional_float(row[8]),
+        answer=None if row[9] is None else json.loads(row[9]),
     )
 
 

@@ -22,6 +22,8 @@ from rollbackd.core.model import (
     AlertDraft,
     Event,
     Fence,
+    Handoff,
+    HandoffDraft,
     JSONValue,
     Rollback,
     RollbackDraft,
@@ -168,3 +170,19 @@ class StoreWriter:
 
     async def add_event(self, event: Event) -> int:
         return await self._run(self.store.add_event, event)
+
+    async def hand_off(self, draft: HandoffDraft, at: float) -> int:
+        return await self._run(self.store.hand_off, draft, at)
+
+    async def take_handoffs(
+        self, taker: str, services: Sequence[str], at: float, limit: int = 100
+    ) -> list[Handoff]:
+        return await self._run(self.store.take_handoffs, taker, services, at, limit)
+
+    async def answer_handoff(
+        self, handoff_id: int, answer: Mapping[str, JSONValue], at: float
+    ) -> None:
+        await self._run(self.store.answer_handoff, handoff_id, answer, at)
+
+    async def withdraw_handoff(self, handoff_id: int, at: float) -> bool:
+        return await self._run(self.store.withdraw_handoff, handoff_id, at)

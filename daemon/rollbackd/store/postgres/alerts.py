@@ -13,6 +13,7 @@ from rollbackd.store import rows
 from rollbackd.store.errors import StoreError
 from rollbackd.store.interfaces import AlertStore
 from rollbackd.store.postgres.database import Database
+from rollbackd.store.postgres.handoffs import notify
 
 _UPSERT_ALERT = f"""
     INSERT INTO alerts (
@@ -60,6 +61,9 @@ class PostgresAlerts(Database, AlertStore):
                 alert = rows.alert(row)
                 # Every conflict adds a delivery, so one delivery means this call inserted it.
                 results.append((alert, alert.deliveries == 1))
+            if any(alert.handled_at is None for alert, _ in results):
+                # The service's holder may be another daemon: it looks at once.
+                notify(conn)
         return results
 
     def set_alert_handled(
@@ -106,5 +110,18 @@ class PostgresAlerts(Database, AlertStore):
                           AND r.starts_at = alerts.starts_at AND r.status = 'resolved')
                     ORDER BY id DESC LIMIT %s""",  # noqa: S608
                 (service, limit),
+            ).fetchall()
+        return [rows.alert(row) for row in found]
+
+    def unhandled_alerts(self, services: Sequence[str], limit: int = 100) -> list[StoredAlert]:
+        rows.check_limit(limit)
+        if not services:
+            return []
+        with self._read() as conn:
+            found = conn.execute(
+                f"""{rows.ALERT_SELECT}
+                    WHERE handled_at IS NULL AND matched_service = ANY(%s::text[])
+                    ORDER BY id LIMIT %s""",
+                (list(services), limit),
             ).fetchall()
         return [rows.alert(row) for row in found]

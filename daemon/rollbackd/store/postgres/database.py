@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Self
 
@@ -30,7 +32,27 @@ import psycopg.errors
 
 from rollbackd.store.errors import StoreError
 from rollbackd.store.postgres import migrations
-from rollbackd.store.postgres.connections import Connection, Pool, Settings, set_lock_timeout
+from rollbackd.store.postgres.connections import (
+    READ_WAIT,
+    Connection,
+    Pool,
+    Settings,
+    set_lock_timeout,
+)
+
+RETRY_READS = 1.0
+"""Seconds reads fail at once after one could not reach the server."""
+
+PROBE_WAIT = 1.0
+"""Seconds the read that tries the server again waits for a connection."""
+
+
+@dataclass(frozen=True)
+class _Unreachable:
+    error: str
+    retry_at: float
+    """``time.monotonic()`` from which one read tries the server again."""
+
 
 # The database works; it said no to this write.
 _REFUSALS = (psycopg.IntegrityError, psycopg.DataError, psycopg.errors.TransactionRollback)
@@ -47,6 +69,8 @@ class Database:
         self._write_failure: str | None = None
         """Why the last write failed (server gone, disk full), until a write succeeds."""
         self._closed = False
+        self._unreachable: _Unreachable | None = None
+        """Set while reads cannot reach the server: they fail at once until retry_at."""
         self._writer: Connection | None = self._open_writer()
         try:
             self._readers: Pool = self._settings.open_readers()
@@ -122,16 +146,31 @@ class Database:
 
     @contextmanager
     def _read(self) -> Iterator[Connection]:
-        """A pooled read-only connection for the body: it takes no lock a write holds."""
+        """A pooled read-only connection for the body: it takes no lock a write holds.
+
+        Reads are short calls the event loop may make, so while the server is unreachable
+        they fail at once instead of each waiting for a connection: for ``RETRY_READS``
+        seconds after a read could not reach it, then one read tries again, waiting at
+        most ``PROBE_WAIT`` (the pool reconnects meanwhile, in its own threads)."""
         if self._closed:
             raise self._closed_error()
+        unreachable = self._unreachable
+        if unreachable is not None and time.monotonic() < unreachable.retry_at:
+            raise StoreError(f"state database {self._location}: {unreachable.error}")
+        wait = READ_WAIT if unreachable is None else PROBE_WAIT
         try:
-            with self._readers.connection() as conn:
+            with self._readers.connection(timeout=wait) as conn:
                 yield conn
+        except psycopg.OperationalError as error:
+            if self._closed:
+                raise self._closed_error() from error
+            self._unreachable = _Unreachable(str(error), time.monotonic() + RETRY_READS)
+            raise StoreError(f"state database {self._location}: {error}") from error
         except psycopg.Error as error:
             if self._closed:
                 raise self._closed_error() from error
             raise StoreError(f"state database {self._location}: {error}") from error
+        self._unreachable = None
 
     @contextmanager
     def _write(self) -> Iterator[Connection]:

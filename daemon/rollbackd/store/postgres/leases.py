@@ -10,7 +10,9 @@ serialises one daemon's writes only): ``acquire`` is one ``INSERT ... ON CONFLIC
 UPDATE ... WHERE``, and ``renew``/``release`` are one ``UPDATE ... WHERE`` each. Under READ
 COMMITTED, a statement that finds its row locked by another daemon's transaction waits for
 it, then re-checks its WHERE against the row as that transaction left it: two racing
-acquirers never both win.
+acquirers never both win. A heartbeat writes its member row in one ``INSERT ... ON CONFLICT
+DO UPDATE ... WHERE`` too, so that of two processes given one member name only the one whose
+row is live keeps it.
 
 A lease row is never deleted: its epoch is the highest ever given for the service, so
 that a later tenure can pass it. A release expires the row instead.
@@ -19,10 +21,12 @@ that a later tenure can pass it. A release expires the row instead.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NoReturn
 
 from rollbackd.core.model import Lease
-from rollbackd.store.errors import StoreError
+from rollbackd.store.errors import MemberTakenError, StoreError
 from rollbackd.store.interfaces import LeaseStore
+from rollbackd.store.postgres.connections import Connection
 from rollbackd.store.postgres.database import Database
 from rollbackd.store.rows import check_name, check_ttl, lease
 
@@ -60,6 +64,15 @@ _RENEW = f"""
     RETURNING leases.service, leases.holder, leases.epoch, leases.acquired_at,
               leases.expires_at"""  # noqa: S608
 
+# The member's row is this process's (same instance), or dead: only then is it written.
+_HEARTBEAT = """
+    INSERT INTO members AS known (member, expires_at, instance)
+    VALUES (%(member)s, %(expires)s, %(instance)s)
+    ON CONFLICT (member) DO UPDATE SET
+        expires_at = excluded.expires_at, instance = excluded.instance
+    WHERE known.instance = excluded.instance OR known.expires_at <= %(now)s
+    RETURNING member"""
+
 _RELEASE = f"""
     {_WITH_CLOCK}
     UPDATE leases SET expires_at = clock.now FROM clock
@@ -67,8 +80,9 @@ _RELEASE = f"""
 
 
 class PostgresLeases(Database, LeaseStore):
-    def heartbeat(self, member: str, ttl: float) -> list[str]:
+    def heartbeat(self, member: str, ttl: float, instance: str) -> list[str]:
         check_name("member", member)
+        check_name("instance", instance)
         check_ttl(ttl)
         with self._write() as conn:
             # Read once for the three statements: one heartbeat judges by one instant.
@@ -76,11 +90,15 @@ class PostgresLeases(Database, LeaseStore):
             if clock is None:
                 raise StoreError("PostgreSQL gave no time")
             now = float(clock[0])
-            conn.execute(
-                """INSERT INTO members (member, expires_at) VALUES (%s, %s)
-                   ON CONFLICT (member) DO UPDATE SET expires_at = excluded.expires_at""",
-                (member, now + ttl),
-            )
+            # One statement, so that two processes racing for one member name are judged
+            # one after the other: the second waits for the first's row lock, then
+            # re-checks the WHERE against the row as the first left it.
+            kept = conn.execute(
+                _HEARTBEAT,
+                {"member": member, "expires": now + ttl, "instance": instance, "now": now},
+            ).fetchone()
+            if kept is None:
+                self._refuse_taken(conn, member, now)
             # The dead are forgotten, so that the table holds the live members only,
             # however many member ids restarts make up. SKIP LOCKED: a row another daemon
             # is heartbeating is alive, and waiting for it could deadlock with its prune.
@@ -94,6 +112,11 @@ class PostgresLeases(Database, LeaseStore):
                 "SELECT member FROM members WHERE expires_at > %s ORDER BY member", (now,)
             ).fetchall()
         return [found_row[0] for found_row in found]
+
+    def _refuse_taken(self, conn: Connection, member: str, now: float) -> NoReturn:
+        row = conn.execute("SELECT expires_at FROM members WHERE member = %s", (member,)).fetchone()
+        expires_at = now if row is None else float(row[0])
+        raise MemberTakenError(member, self.location, expires_at=expires_at, now=now)
 
     def acquire(self, service: str, holder: str, ttl: float) -> Lease | None:
         check_name("service", service)
@@ -128,6 +151,14 @@ class PostgresLeases(Database, LeaseStore):
         with self._read() as conn:
             found = conn.execute(
                 f"SELECT {LEASE_COLUMNS} FROM leases ORDER BY service"  # noqa: S608
+            ).fetchall()
+        return [lease(row) for row in found]
+
+    def live_leases(self) -> list[Lease]:
+        with self._read() as conn:
+            found = conn.execute(
+                f"""SELECT {LEASE_COLUMNS} FROM leases WHERE expires_at > {CLOCK}
+                    ORDER BY service"""  # noqa: S608
             ).fetchall()
         return [lease(row) for row in found]
 

@@ -222,6 +222,28 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         )
         """,
     ),
+    # 6: requests handed to a service's holder by the daemon that took them (handoffs);
+    # which process a member is (instance), so two daemons given one member name are told
+    # apart; the firing alerts no daemon has handed to the pipeline yet, found by index.
+    (
+        """
+        CREATE TABLE handoffs (
+            id           bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+            service      text COLLATE "C" NOT NULL,
+            kind         text COLLATE "C" NOT NULL,
+            body         json NOT NULL,
+            asked_by     text NOT NULL,
+            asked_at     double precision NOT NULL,
+            taken_by     text,
+            taken_at     double precision,
+            answered_at  double precision,
+            answer       json
+        )
+        """,
+        "CREATE INDEX handoffs_open ON handoffs (service, id) WHERE taken_by IS NULL",
+        "ALTER TABLE members ADD COLUMN instance text NOT NULL DEFAULT ''",
+        "CREATE INDEX alerts_unhandled ON alerts (matched_service, id) WHERE handled_at IS NULL",
+    ),
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

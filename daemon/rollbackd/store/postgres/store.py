@@ -7,6 +7,7 @@ from rollbackd.store.interfaces import StateStore
 from rollbackd.store.postgres.alerts import PostgresAlerts
 from rollbackd.store.postgres.check_states import PostgresCheckStates
 from rollbackd.store.postgres.events import PostgresEvents
+from rollbackd.store.postgres.handoffs import PostgresHandoffs
 from rollbackd.store.postgres.leases import PostgresLeases
 from rollbackd.store.postgres.rollbacks import PostgresRollbacks
 from rollbackd.store.postgres.services import PostgresServices
@@ -21,6 +22,7 @@ class PostgresStore(
     PostgresAlerts,
     PostgresEvents,
     PostgresLeases,
+    PostgresHandoffs,
     StateStore,
 ):
     """The PostgreSQL state store, which several daemons may share. ``url`` is a libpq URI

@@ -99,3 +99,18 @@ class SQLiteAlerts(Database, AlertStore):
                 (service, limit),
             ).fetchall()
         return [rows.alert(row) for row in found]
+
+    def unhandled_alerts(self, services: Sequence[str], limit: int = 100) -> list[StoredAlert]:
+        rows.check_limit(limit)
+        if not services:
+            return []
+        marks = ", ".join("?" for _ in services)
+        with self._read() as conn:
+            # Only placeholders are formatted in; values travel as parameters.
+            found = conn.execute(
+                f"""{rows.ALERT_SELECT}
+                    WHERE handled_at IS NULL AND matched_service IN ({marks})
+                    ORDER BY id LIMIT ?""",
+                (*services, limit),
+            ).fetchall()
+        return [rows.alert(row) for row in found]

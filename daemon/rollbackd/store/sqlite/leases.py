@@ -4,8 +4,9 @@ with fencing epochs, and the live daemons).
 One SQLite file is one machine's, so on SQLite there is only ever one daemon; the leases
 work all the same, so the runtime needs no second path. The clock is SQLite's own
 (``julianday('now')``, read inside the write transaction), never the daemon's, as on
-PostgreSQL. Every decision (free, expired, held by whom) is read and written inside one
-``BEGIN IMMEDIATE`` transaction, which no other connection can interleave with.
+PostgreSQL. Every decision (free, expired, held by whom, a member name taken by another
+process) is read and written inside one ``BEGIN IMMEDIATE`` transaction, which no other
+connection can interleave with.
 
 A lease row is never deleted: its epoch is the highest ever given for the service, so
 that a later tenure can pass it. A release expires the row instead.
@@ -17,6 +18,7 @@ import sqlite3
 from collections.abc import Sequence
 
 from rollbackd.core.model import Lease
+from rollbackd.store.errors import MemberTakenError
 from rollbackd.store.interfaces import LeaseStore
 from rollbackd.store.rows import check_name, check_ttl, lease
 from rollbackd.store.sqlite.database import Database
@@ -32,15 +34,22 @@ def _now(conn: sqlite3.Connection) -> float:
 
 
 class SQLiteLeases(Database, LeaseStore):
-    def heartbeat(self, member: str, ttl: float) -> list[str]:
+    def heartbeat(self, member: str, ttl: float, instance: str) -> list[str]:
         check_name("member", member)
+        check_name("instance", instance)
         check_ttl(ttl)
         with self._write() as conn:
             now = _now(conn)
+            known = conn.execute(
+                "SELECT instance, expires_at FROM members WHERE member = ?", (member,)
+            ).fetchone()
+            if known is not None and known[0] != instance and float(known[1]) > now:
+                raise MemberTakenError(member, self.location, expires_at=float(known[1]), now=now)
             conn.execute(
-                """INSERT INTO members (member, expires_at) VALUES (?, ?)
-                   ON CONFLICT (member) DO UPDATE SET expires_at = excluded.expires_at""",
-                (member, now + ttl),
+                """INSERT INTO members (member, expires_at, instance) VALUES (?, ?, ?)
+                   ON CONFLICT (member) DO UPDATE SET
+                       expires_at = excluded.expires_at, instance = excluded.instance""",
+                (member, now + ttl, instance),
             )
             # The dead are forgotten, so that the table holds the live members only,
             # however many member ids restarts make up.
@@ -113,6 +122,14 @@ class SQLiteLeases(Database, LeaseStore):
         with self._read() as conn:
             found = conn.execute(
                 f"SELECT {LEASE_COLUMNS} FROM leases ORDER BY service"  # noqa: S608
+            ).fetchall()
+        return [lease(row) for row in found]
+
+    def live_leases(self) -> list[Lease]:
+        with self._read() as conn:
+            found = conn.execute(
+                f"""SELECT {LEASE_COLUMNS} FROM leases WHERE expires_at > {CLOCK}
+                    ORDER BY service"""  # noqa: S608
             ).fetchall()
         return [lease(row) for row in found]
 

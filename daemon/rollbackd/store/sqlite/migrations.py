@@ -216,6 +216,28 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         )
         """,
     ),
+    # 6: requests handed to a service's holder by the daemon that took them (handoffs);
+    # which process a member is (instance), so two daemons given one member name are told
+    # apart; the firing alerts no daemon has handed to the pipeline yet, found by index.
+    (
+        """
+        CREATE TABLE handoffs (
+            id           INTEGER PRIMARY KEY AUTOINCREMENT,
+            service      TEXT NOT NULL,
+            kind         TEXT NOT NULL,
+            body         TEXT NOT NULL CHECK (json_valid(body)),
+            asked_by     TEXT NOT NULL,
+            asked_at     REAL NOT NULL,
+            taken_by     TEXT,
+            taken_at     REAL,
+            answered_at  REAL,
+            answer       TEXT CHECK (answer IS NULL OR json_valid(answer))
+        )
+        """,
+        "CREATE INDEX handoffs_open ON handoffs (service, id) WHERE taken_by IS NULL",
+        "ALTER TABLE members ADD COLUMN instance TEXT NOT NULL DEFAULT ''",
+        "CREATE INDEX alerts_unhandled ON alerts (matched_service, id) WHERE handled_at IS NULL",
+    ),
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

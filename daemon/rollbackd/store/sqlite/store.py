@@ -6,6 +6,7 @@ from rollbackd.store.interfaces import StateStore
 from rollbackd.store.sqlite.alerts import SQLiteAlerts
 from rollbackd.store.sqlite.check_states import SQLiteCheckStates
 from rollbackd.store.sqlite.events import SQLiteEvents
+from rollbackd.store.sqlite.handoffs import SQLiteHandoffs
 from rollbackd.store.sqlite.leases import SQLiteLeases
 from rollbackd.store.sqlite.rollbacks import SQLiteRollbacks
 from rollbackd.store.sqlite.services import SQLiteServices
@@ -20,6 +21,7 @@ class Store(
     SQLiteAlerts,
     SQLiteEvents,
     SQLiteLeases,
+    SQLiteHandoffs,
     StateStore,
 ):
     """The SQLite state store. ``path`` is the database file itself; its directory must
