@@ -60,6 +60,9 @@ class ChosenTenancy:
     def may_act(self, service: str) -> bool:
         return self.chosen is not None
 
+    def evaluates(self, service: str) -> bool:
+        return self.may_act(service)
+
     def fence(self, service: str) -> Fence | None:
         if self.chosen is None:
             raise NotHolder(service)

@@ -11,37 +11,22 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-import psycopg
 from prometheus_client.parser import text_string_to_metric_families
 
 from support.configs import service, write_config
 from support.daemon_process import DaemonProcess
+from support.ha import LEASE_TIME, live_holders, store_section
 from support.postgres import Database
 from support.prometheus import PrometheusFactory, poll
 
 SERVICES = ["cart", "checkout", "payments", "search"]
-LEASE_TIME = 3.0
 CHECK = '[[check]]\nname = "up"\ntype = "query"\nquery = "vector(0)"\nabove = 1\ninterval = "1s"\n'
 
 
 def daemon_config(directory: Path, name: str, database: Database, prometheus_url: str) -> Path:
     directory.mkdir()
     rules = {s: service(s, CHECK) for s in SERVICES}
-    store = (
-        f'\n[store]\nurl = "{database.url}"\npassword_file = "{database.password_file}"\n'
-        f'lease_time = "{LEASE_TIME:g}s"\nmember = "{name}"\n'
-    )
-    return write_config(directory, prometheus_url, rules, extra=store)
-
-
-def live_holders(database: Database) -> dict[str, str]:
-    """service -> holder of its live lease, by the database's clock."""
-    with psycopg.connect(database.url, password=database.password) as conn:
-        rows = conn.execute(
-            "SELECT service, holder FROM leases"
-            " WHERE expires_at > extract(epoch FROM clock_timestamp())"
-        ).fetchall()
-    return {str(s): str(h) for s, h in rows}
+    return write_config(directory, prometheus_url, rules, extra=store_section(database, name))
 
 
 def evaluations(daemon: DaemonProcess) -> dict[str, float]:

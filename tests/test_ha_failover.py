@@ -15,85 +15,37 @@ database's clock) and each daemon's ``/metrics``. Waiting is bounded polling, ne
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import psycopg
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from rollbackd.runtime.leases import assign
 from support.configs import write_config
-from support.daemon_process import (
-    TOKEN,
-    TOKEN_ENV,
-    DaemonProcess,
-    alert_service,
-    executions,
-    run_cli,
-    set_mode,
-)
+from support.daemon_process import TOKEN, TOKEN_ENV, alert_service, executions, run_cli, set_mode
 from support.fake_service import FakeService
+from support.ha import (
+    GATED_DEPLOY,
+    Daemon,
+    await_holder,
+    await_rows,
+    checkout_rules,
+    events,
+    metric,
+    rows,
+    steps,
+    store_section,
+)
 from support.postgres import Database
 from support.prometheus import PrometheusFactory, ScrapeTarget, poll
 
 pytestmark = [pytest.mark.faults]
 
-LEASE_TIME = 3.0
 MEMBERS = ("daemon-a", "daemon-b")
 AS_ALICE = {"USER": "alice", TOKEN_ENV: TOKEN}
-
-# A deploy command that logs its run, then waits for a gate file before switching the fake
-# service: the test kills the daemon while it waits. The parent pid tells which daemon
-# started it (the command executor runs the program directly, without a shell).
-GATED_DEPLOY = """\
-import json, os, sys, time, urllib.request
-
-control, version, log, gate = sys.argv[1:5]
-entry = {
-    "pid": os.getpid(),
-    "ppid": os.getppid(),
-    "version": version,
-    "env": {k: v for k, v in os.environ.items() if k.startswith("ROLLBACKD_")},
-}
-with open(log, "a", encoding="utf-8") as handle:
-    handle.write(json.dumps(entry) + "\\n")
-deadline = time.monotonic() + 300  # a test that never opens the gate must not leave it
-while not os.path.exists(gate):
-    if time.monotonic() > deadline:
-        sys.exit(2)
-    time.sleep(0.05)
-body = json.dumps({"version": version, "error_ratio": 0.0}).encode()
-request = urllib.request.Request(
-    control, data=body, headers={"Content-Type": "application/json"}
-)
-urllib.request.urlopen(request, timeout=10).close()
-"""
-
-
-class Daemon(DaemonProcess):
-    """``rollbackd run`` as member ``member`` of the shared store, killable without warning."""
-
-    def __init__(self, config: Path, member: str) -> None:
-        super().__init__(config)
-        self.member = member
-
-    @property
-    def pid(self) -> int:
-        assert self.process is not None
-        return self.process.pid
-
-    def kill(self) -> None:
-        """SIGKILL to the daemon's pid only: its executors, each leading a process group of
-        its own, live on."""
-        assert self.process is not None
-        self.process.send_signal(signal.SIGKILL)
-        self.process.wait(timeout=10)
 
 
 @pytest.fixture
@@ -106,77 +58,7 @@ def runs() -> Iterator[list[int]]:
             os.killpg(pid, signal.SIGKILL)
 
 
-# -- reading the shared state ------------------------------------------------------------
-
-
-def rows(database: Database, sql: str, *params: object) -> list[tuple[Any, ...]]:
-    with psycopg.connect(database.url, password=database.password) as conn:
-        return [tuple(row) for row in conn.execute(sql, params).fetchall()]
-
-
-def await_rows(
-    database: Database, alive: list[Daemon], sql: str, *params: object, timeout: float = 30.0
-) -> list[tuple[Any, ...]]:
-    """The rows of ``sql`` once there are any, the daemons in ``alive`` running meanwhile."""
-    found: list[tuple[Any, ...]] = []
-
-    def ready() -> bool:
-        nonlocal found
-        for daemon in alive:
-            daemon.assert_alive()
-        found = rows(database, sql, *params)
-        return bool(found)
-
-    poll(ready, timeout=timeout, interval=0.1, what=sql)
-    return found
-
-
-def live_lease(database: Database, service: str) -> tuple[str, int] | None:
-    """(holder, epoch) of the service's live lease, by the database's clock."""
-    found = rows(
-        database,
-        "SELECT holder, epoch FROM leases WHERE service = %s"
-        " AND expires_at > extract(epoch FROM clock_timestamp())",
-        service,
-    )
-    return (str(found[0][0]), int(found[0][1])) if found else None
-
-
-def metric(daemon: Daemon, name: str) -> float:
-    """The sum of a daemon's samples named ``name`` on its /metrics."""
-    with daemon.http() as http:
-        response = http.get("/metrics")
-    assert response.status_code == 200, response.text
-    return sum(
-        sample.value
-        for family in text_string_to_metric_families(response.text)
-        for sample in family.samples
-        if sample.name == name
-    )
-
-
-def await_holder(database: Database, service: str, daemon: Daemon, others: list[Daemon]) -> int:
-    """Wait until ``daemon`` holds ``service`` in the database and acts on it (its own
-    gauge); the epoch of its lease."""
-
-    def holds() -> bool:
-        for each in [daemon, *others]:
-            each.assert_alive()
-        lease = live_lease(database, service)
-        held = lease is not None and lease[0] == daemon.member
-        return held and metric(daemon, "rollbackd_leases_held") == 1
-
-    poll(holds, timeout=LEASE_TIME * 10, interval=0.1, what=f"{daemon.member} to hold {service}")
-    lease = live_lease(database, service)
-    assert lease is not None and lease[0] == daemon.member
-    return lease[1]
-
-
-def store_section(database: Database, member: str) -> str:
-    return (
-        f'\n[store]\nurl = "{database.url}"\npassword_file = "{database.password_file}"\n'
-        f'lease_time = "{LEASE_TIME:g}s"\nmember = "{member}"\n'
-    )
+# -- who holds what ------------------------------------------------------------------
 
 
 def holder_and_standby(service: str, daemons: dict[str, Daemon]) -> tuple[Daemon, Daemon]:
@@ -187,55 +69,7 @@ def holder_and_standby(service: str, daemons: dict[str, Daemon]) -> tuple[Daemon
     return daemons[owner], daemons[other]
 
 
-def events(database: Database, rollback_id: int) -> list[str]:
-    found = rows(
-        database, "SELECT type FROM events WHERE rollback_id = %s ORDER BY id", rollback_id
-    )
-    return [str(kind) for (kind,) in found]
-
-
-def steps(database: Database, rollback_id: int) -> list[tuple[Any, ...]]:
-    return rows(
-        database,
-        "SELECT kind, finished_at IS NOT NULL, ok, summary FROM rollback_steps"
-        " WHERE rollback_id = %s ORDER BY id",
-        rollback_id,
-    )
-
-
 # -- 1. the holder killed while its executor runs ----------------------------------------
-
-
-def checkout_rules(control: str, script: Path, log: Path, gate: Path) -> str:
-    """``checkout`` as the fake service serves it (support.configs.checkout_rules), rolled
-    back by the gated deploy command."""
-    argv = [sys.executable, str(script), control, "{to_version}", str(log), str(gate)]
-    return f"""
-[service]
-name = "checkout"
-version_query = 'max by (version) (app_build_info{{service="checkout"}})'
-version_label = "version"
-bake_time = "2s"
-
-[[rollback]]
-type = "command"
-argv = {json.dumps(argv)}
-timeout = "10m"
-
-[verify]
-window = "2s"
-version_timeout = "30s"
-
-[[check]]
-name = "errors"
-type = "error_rate"
-selector = 'service="checkout"'
-errors = 'code=~"5.."'
-above = 0.1
-window = "10s"
-breaches = 2
-interval = "1s"
-"""
 
 
 @pytest.mark.prometheus

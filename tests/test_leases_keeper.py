@@ -24,7 +24,7 @@ from rollbackd.runtime.leases import LeaseKeeper, assign, default_member
 from rollbackd.runtime.metrics import Metrics
 from rollbackd.runtime.runner import Runner
 from rollbackd.runtime.tenancy import NotHolder
-from rollbackd.store.errors import StoreError
+from rollbackd.store.errors import MemberTakenError, StoreError
 from rollbackd.store.postgres import PostgresStore
 from rollbackd.store.sqlite import Store
 from support.configs import service, write_config
@@ -291,9 +291,9 @@ class Breakable:
         if self.broken:
             raise StoreError("the database is unreachable (test)")
 
-    def heartbeat(self, member: str, ttl: float) -> list[str]:
+    def heartbeat(self, member: str, ttl: float, instance: str) -> list[str]:
         self._check()
-        return self.store.heartbeat(member, ttl)
+        return self.store.heartbeat(member, ttl, instance)
 
     def acquire(self, service: str, holder: str, ttl: float) -> Lease | None:
         self._check()
@@ -338,6 +338,105 @@ async def test_a_keeper_that_cannot_renew_stops_acting_before_its_leases_expire(
         keepers.close()
 
 
+# --- one member name, one daemon ---------------------------------------------------------
+
+TAKEN = 3.0
+"""The lease time of the member-name tests: a starting keeper waits out up to this."""
+
+
+def keeper_named(store: PostgresStore, name: str) -> LeaseKeeper:
+    """A keeper of its own process (its own random instance) on ``store``."""
+    return LeaseKeeper(store, name, TAKEN, lambda: SERVICES)
+
+
+def epochs_in(store: PostgresStore) -> dict[str, tuple[str, int]]:
+    return {lease.service: (lease.holder, lease.epoch) for lease in store.live_leases()}
+
+
+async def test_a_second_keeper_with_a_live_member_name_refuses_to_start(
+    stores: Callable[[], PostgresStore],
+) -> None:
+    first, second = keeper_named(stores(), "daemon-a"), keeper_named(stores(), "daemon-a")
+    assert first.instance != second.instance
+    stop = asyncio.Event()
+    try:
+        await first.start()
+        assert set(first.held()) == set(SERVICES)
+        before = epochs_in(stores())
+        running = asyncio.ensure_future(first.run(stop))  # renewing, as a live daemon does
+        with pytest.raises(MemberTakenError, match="another daemon is running as member"):
+            await second.start()  # waits the first's heartbeat out once: it is renewed
+        assert second.held() == {}
+        assert not any(second.may_act(s) for s in SERVICES)
+        assert set(first.held()) == set(SERVICES), "the first goes on holding everything"
+        assert epochs_in(stores()) == before, "nothing taken, released or re-tenured"
+        await second.release_all()  # a refused daemon's stop gives nothing back
+        assert epochs_in(stores()) == before
+        stop.set()
+        await running
+    finally:
+        first.close()
+        second.close()
+
+
+async def test_a_killed_keepers_member_name_is_waited_out_at_start(
+    stores: Callable[[], PostgresStore],
+) -> None:
+    dead, restarted = keeper_named(stores(), "daemon-a"), keeper_named(stores(), "daemon-a")
+    try:
+        await dead.start()  # then never again: killed, its heartbeat and leases lapse
+        await restarted.start()
+        assert set(restarted.held()) == set(SERVICES)
+        assert all(epoch == 2 for _, epoch in epochs_in(stores()).values()), "new tenures"
+    finally:
+        dead.close()
+        restarted.close()
+
+
+async def test_a_lease_left_live_under_its_member_name_is_taken_as_a_new_tenure(
+    stores: Callable[[], PostgresStore],
+) -> None:
+    # A previous run of "daemon-a", killed: its lease lives on a while. What that run began
+    # under its epoch must stay fenced off from the new run.
+    store = stores()
+    previous = store.acquire(SERVICES[0], "daemon-a", LONG)
+    assert previous is not None
+    keeper = keeper_named(stores(), "daemon-a")
+    try:
+        await keeper.start()
+        held = keeper.held()[SERVICES[0]]
+        assert held.epoch == previous.epoch + 1
+        assert not store.holds(SERVICES[0], "daemon-a", previous.epoch)
+        assert store.holds(SERVICES[0], "daemon-a", held.epoch)
+    finally:
+        keeper.close()
+
+
+async def test_a_keeper_whose_member_name_was_taken_meanwhile_stops_holding_everything(
+    stores: Callable[[], PostgresStore],
+) -> None:
+    # The first is cut off (does not tick) past its lease time; a second daemon given the
+    # same name starts meanwhile; then the first comes back.
+    first, second = keeper_named(stores(), "daemon-a"), keeper_named(stores(), "daemon-a")
+    try:
+        await first.start()
+        await second.start()  # the first's heartbeat lapses while it waits
+        assert set(second.held()) == set(SERVICES)
+        taken = epochs_in(stores())
+        await first.tick()
+        assert first.held() == {}
+        assert not any(first.may_act(s) for s in SERVICES)
+        with pytest.raises(NotHolder):
+            first.fence(SERVICES[0])
+        await first.release_all()  # its stop must not end the second's tenures
+        await second.tick()
+        assert set(second.held()) == set(SERVICES)
+        assert epochs_in(stores()) == taken
+    finally:
+        first.close()
+        second.close()
+
+
 # --- the runner acts only on what its tenancy holds ---------------------------------------
 
 
@@ -349,6 +448,9 @@ class Holding:
 
     def may_act(self, service: str) -> bool:
         return service in self.services
+
+    def evaluates(self, service: str) -> bool:
+        return self.may_act(service)
 
     def fence(self, service: str) -> Fence | None:
         if service not in self.services:

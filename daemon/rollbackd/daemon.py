@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import signal
 import sys
 import time
@@ -29,17 +30,20 @@ from rollbackd.core.model import RollbackState
 from rollbackd.logs import configure, get_logger
 from rollbackd.notify.dispatcher import Dispatcher
 from rollbackd.prometheus import PrometheusClient
+from rollbackd.runtime.alert_intake import hand_over_waiting
 from rollbackd.runtime.control import Control
 from rollbackd.runtime.engine import Engine
+from rollbackd.runtime.handoff_desk import HandoffDesk
 from rollbackd.runtime.leases import LeaseKeeper, default_member
 from rollbackd.runtime.metrics import Metrics
 from rollbackd.runtime.pipeline import Pipeline
+from rollbackd.runtime.relay import Asker, Relay, Wakeups
 from rollbackd.runtime.runner import Runner
 from rollbackd.runtime.scheduler import Scheduler
 from rollbackd.runtime.sdnotify import SystemdNotifier
 from rollbackd.runtime.tenancy import SoloTenancy, Tenancy
-from rollbackd.store.errors import StoreError
-from rollbackd.store.interfaces import StateStore
+from rollbackd.store.errors import MemberTakenError, StoreError
+from rollbackd.store.interfaces import Listening, StateStore
 from rollbackd.store.postgres import PostgresStore
 from rollbackd.store.sqlite import Store
 from rollbackd.store.writer import writer_for
@@ -90,11 +94,16 @@ class Daemon:
         )
         self.dispatcher.subscribe(self.engine.bus)
         self.scheduler = Scheduler(self.runner)
+        self.wakeups = Wakeups()
+        self.control = self._control()
+        self.relay = self._relay()
         self.systemd = SystemdNotifier()
         self.api: ApiServer | None = None
         self._stop = asyncio.Event()
         self._keeper_stop = asyncio.Event()
         self._keeper_task: asyncio.Task[None] | None = None
+        self._relay_task: asyncio.Task[None] | None = None
+        self._listening: Listening | None = None
         self._reloads: set[asyncio.Task[bool]] = set()
         self.metrics.config_reload_ok.set(1)
         self.metrics.config_reload_time.set(time.time())
@@ -113,13 +122,51 @@ class Daemon:
             metrics=self.metrics,
         )
 
+    def _control(self) -> Control:
+        """The facade the API talks to; with leases, it hands what another daemon must do
+        to that daemon."""
+        if self.keeper is None:
+            return Control(self.pipeline)
+        return Control(self.pipeline, asker=Asker(self.store, self.keeper.member, self.wakeups))
+
+    def _relay(self) -> Relay | None:
+        """With leases: the alerts and requests other daemons took for the services this
+        one holds, carried out here."""
+        if self.keeper is None:
+            return None
+        control = self.control
+        return Relay(
+            self.store,
+            self.keeper,
+            HandoffDesk(self.pipeline),
+            functools.partial(hand_over_waiting, control),
+            self.wakeups,
+        )
+
+    async def _start_relay(self) -> None:
+        relay = self.relay
+        if relay is None:
+            return
+        self.wakeups.bind(asyncio.get_running_loop())
+        self._listening = self.store.listen(self.wakeups.wake)
+        self._relay_task = asyncio.ensure_future(relay.run(self._keeper_stop))
+
+    async def _stop_relay(self) -> None:
+        task = self._relay_task
+        if task is not None:
+            self._keeper_stop.set()
+            with contextlib.suppress(asyncio.CancelledError, TimeoutError):
+                await asyncio.wait_for(task, timeout=10.0)
+        if self._listening is not None:
+            await asyncio.to_thread(self._listening.close)
+
     async def _start_leases(self) -> None:
         """One tick before anything is scheduled (the first evaluations find this daemon's
         share already held), then a tick every third of the lease time."""
         keeper = self.keeper
         if keeper is None:
             return
-        await keeper.tick()
+        await keeper.start()  # MemberTakenError: another daemon runs as this member
         log.info("leases", member=keeper.member, held=len(keeper.held()))
         self._keeper_task = asyncio.ensure_future(keeper.run(self._keeper_stop))
 
@@ -185,15 +232,22 @@ class Daemon:
         services = self.engine.loaded.services.values()
         checks = sum(len(s.rules.check) for s in services)
         firing = sum(1 for state in self.engine.states.values() if state.firing)
-        live = len(
-            self.store.rollbacks(states=[RollbackState.RUNNING, RollbackState.VERIFYING], limit=100)
-        )
-        self.metrics.rollbacks_in_flight.set(live)
+        try:
+            in_flight = self.store.rollbacks(
+                states=[RollbackState.RUNNING, RollbackState.VERIFYING], limit=100
+            )
+        except StoreError:
+            # The watchdog asks every few seconds: a store that is down must not stop it
+            # (the loop is fine; systemd would restart a daemon that is merely waiting).
+            live = "state store unreachable"
+        else:
+            self.metrics.rollbacks_in_flight.set(len(in_flight))
+            live = f"{len(in_flight)} rollbacks in flight"
         blind = len(self.engine.blind_checks)
         held = "" if self.keeper is None else f", {len(self.keeper.held())} held"
         return (
             f"{len(services)} services{held}, {checks} checks, {firing} firing, {blind} blind, "
-            f"{live} rollbacks in flight"
+            f"{live}"
         )
 
     async def _watchdog(self) -> None:
@@ -218,6 +272,7 @@ class Daemon:
                 f"the daemon was stopped and the rollback did not finish within {grace:g}s"
             )
         # Held until the rollbacks above are over, and given back before the store closes.
+        await self._stop_relay()
         await self._stop_leases()
         # After the pipeline: its last events (rollback.failed) must still go out.
         await self.dispatcher.stop(timeout=5.0)
@@ -235,14 +290,21 @@ class Daemon:
         loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
         self.dispatcher.start()
         # The HTTP API, /metrics and the Alertmanager webhook, on [server].listen.
-        self.api = await start_api(Control(self.pipeline), on_exit=self.stop)
+        self.api = await start_api(self.control, on_exit=self.stop)
         # This daemon's share of the services held before it acts on any of them.
-        await self._start_leases()
+        try:
+            await self._start_leases()
+        except MemberTakenError:
+            await self._shutdown()  # nothing scheduled yet: the API stops, the store closes
+            raise
         # Before anything is scheduled: rollbacks a crash left running are verified or
         # marked interrupted, never re-run.
         await self.pipeline.recover()
         await self.pipeline.expire_pending()
         self.scheduler.start()
+        # What other daemons took for the services held here: after recovery, as a
+        # request reaching this daemon itself would be.
+        await self._start_relay()
         # Expired and superseded approvals, and triggers that still fire after a refusal
         # that may lapse (cooldown over, resumed, thawed, mode changed): decided again.
         self.scheduler.add_periodic("pipeline:housekeeping", self.pipeline.housekeeping, 5.0)
@@ -291,6 +353,10 @@ def run(config_path: Path) -> int:
         asyncio.run(daemon.serve())
     except ApiStartError as exc:
         log.critical("cannot serve the API: not starting", error=str(exc))
+        print(f"rollbackd: {exc}", file=sys.stderr)
+        return 1
+    except MemberTakenError as exc:
+        log.critical("member name taken: not starting", error=str(exc))
         print(f"rollbackd: {exc}", file=sys.stderr)
         return 1
     return 0

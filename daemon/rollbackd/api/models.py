@@ -311,6 +311,18 @@ class ServiceOut(Answer):
     checks: list[CheckOut]
     alerts: list[str] = Field(description="the Alertmanager alerts mapped to this service")
     bake: BakeOut
+    # Only when daemons share PostgreSQL (absent alone, on SQLite):
+    holder: str | None = Field(
+        default=None,
+        description="PostgreSQL only: the member name of the daemon that holds the service's "
+        "lease now; null while no daemon holds it",
+    )
+    held_since: float | None = Field(
+        default=None, description="PostgreSQL only: when the holder's lease tenure began"
+    )
+    epoch: int | None = Field(
+        default=None, description="PostgreSQL only: the fencing epoch of the holder's lease"
+    )
 
 
 class StatusOut(Answer):
@@ -319,6 +331,11 @@ class StatusOut(Answer):
     paused_all: bool
     services: list[ServiceOut]
     in_flight: list[RollbackOut]
+    member: str | None = Field(
+        default=None,
+        description="PostgreSQL only (absent on SQLite): the member name of the daemon that "
+        "answered",
+    )
 
 
 class AutomationOut(Answer):

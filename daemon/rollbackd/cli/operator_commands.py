@@ -77,11 +77,25 @@ def _rollback_rows(rollbacks: list[dict[str, Any]]) -> list[list[str]]:
     return rows
 
 
+def _holding(service: dict[str, Any], member: str | None) -> str:
+    """Who holds the service: "held by daemon-b since 2026-12-01T12:01:03Z, epoch 4"."""
+    holder = service.get("holder")
+    if not holder:
+        return "held by no daemon now (another takes it within the lease time)"
+    since = service.get("held_since")
+    when = f" since {format_time(since)}" if since is not None else ""
+    mine = " (this daemon)" if holder == member else ""
+    return f"held by {holder}{mine}{when}, epoch {service.get('epoch')}"
+
+
 def _print_status(status: dict[str, Any], url: str) -> None:
     now = time.time()
     automation = "PAUSED for every service" if status["paused_all"] else "on"
     print(f"rollbackd {status['version']} at {url}: mode {status['mode']}")
     print(f"automatic rollbacks: {automation}")
+    member = status.get("member")  # only from a daemon sharing PostgreSQL
+    if member:
+        print(f"this daemon is member {member}")
     services = status["services"]
     if services:
         rows = [["SERVICE", "VERSION", "SINCE", "LAST GOOD", "AUTOMATION", "CHECKS"]]
@@ -121,6 +135,8 @@ def _print_status(status: dict[str, Any], url: str) -> None:
             bake = s.get("bake")  # absent from an older daemon's answer
             if bake:
                 print(f"  {s['name']}: {bake['summary']}")
+            if "holder" in s:  # only on PostgreSQL
+                print(f"  {s['name']}: {_holding(s, member)}")
     in_flight = status["in_flight"]
     print()
     if not in_flight:

@@ -13,7 +13,6 @@ be synthetic (an alert that merely expired).
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -129,9 +128,6 @@ class AlertReceiver:
         self.router = AlertRouter(lambda: control.loaded)
         self.clock = clock
         self._counted = counted
-        # One delivery at a time: two concurrent deliveries of one alert (two routes with
-        # continue) must not both see it unhandled and both hand it over.
-        self._lock = asyncio.Lock()
 
     def draft(self, delivery: Delivery, alert: IncomingAlert) -> AlertDraft:
         alertname = alert.labels.get("alertname", "")
@@ -167,7 +163,7 @@ class AlertReceiver:
     async def receive(self, delivery: Delivery) -> list[AlertResult]:
         """Store every alert (raises StoreError when that fails: nothing was stored, and
         Alertmanager is to retry), then hand matched firing alerts to the pipeline."""
-        async with self._lock:
+        async with self.control.alert_hand_over:
             now = self.clock()
             drafts = [self.draft(delivery, alert) for alert in delivery.alerts]
             stored = await self.control.record_alerts(drafts, now)
@@ -176,33 +172,59 @@ class AlertReceiver:
                 if self._counted is not None:
                     self._counted(alert, new)
                 if alert.handled_at is None and alert.matched_service is not None:
-                    alert = await self._hand_over(alert, now)
+                    alert = await hand_over(self.control, alert, now)
                 results.append(AlertResult(alert, new))
             return results
 
-    async def _hand_over(self, alert: StoredAlert, now: float) -> StoredAlert:
-        service = alert.matched_service
-        assert service is not None
-        trigger = Trigger.from_alert(alert, now)
-        rollback_id: int | None = None
-        try:
-            submission = await self.control.submit(trigger)
-        except UnknownService:
-            outcome = f"service {service!r} is no longer configured: nothing done"
-        else:
-            if submission.outcome == "unrecorded":
-                # The pipeline did nothing, since it could not record it: left unhandled,
-                # so Alertmanager's retry (the caller answers 503) brings it back.
-                raise StoreError(submission.reason)
-            rollback_id = submission.rollback.id if submission.rollback else None
-            outcome = f"{submission.outcome}: {submission.reason}"
-        log.info(
-            "alert handed to the pipeline",
-            service=service,
-            alertname=alert.alertname,
-            fingerprint=alert.fingerprint,
-            outcome=outcome,
-            rollback_id=rollback_id,
-        )
-        await self.control.set_alert_handled(alert.id, now, outcome, rollback_id)
-        return replace(alert, handled_at=now, outcome=outcome, rollback_id=rollback_id)
+
+async def hand_over(control: Control, alert: StoredAlert, now: float) -> StoredAlert:
+    """Hand one stored, unhandled alert to the pipeline and record what it did. The
+    caller holds ``control.alert_hand_over``. When another daemon holds the service the
+    alert stays unhandled, for that daemon's relay to hand over (``runtime/relay.py``)."""
+    service = alert.matched_service
+    assert service is not None
+    trigger = Trigger.from_alert(alert, now)
+    rollback_id: int | None = None
+    try:
+        submission = await control.submit(trigger)
+    except UnknownService:
+        outcome = f"service {service!r} is no longer configured: nothing done"
+    else:
+        if submission.outcome == "unrecorded":
+            # The pipeline did nothing, since it could not record it: left unhandled,
+            # so Alertmanager's retry (the caller answers 503) brings it back.
+            raise StoreError(submission.reason)
+        if submission.outcome == "not_holder":
+            log.info(
+                "alert left for the service's holder",
+                service=service,
+                alertname=alert.alertname,
+                fingerprint=alert.fingerprint,
+            )
+            return alert
+        rollback_id = submission.rollback.id if submission.rollback else None
+        outcome = f"{submission.outcome}: {submission.reason}"
+    log.info(
+        "alert handed to the pipeline",
+        service=service,
+        alertname=alert.alertname,
+        fingerprint=alert.fingerprint,
+        outcome=outcome,
+        rollback_id=rollback_id,
+    )
+    await control.set_alert_handled(alert.id, now, outcome, rollback_id)
+    return replace(alert, handled_at=now, outcome=outcome, rollback_id=rollback_id)
+
+
+async def hand_over_waiting(
+    control: Control, services: Sequence[str], clock: Callable[[], float] = time.time
+) -> int:
+    """Hand over the alerts of ``services`` that wait unhandled in the store (another
+    daemon received them, or this one stopped before it could hand them over); how many.
+    The relay calls this for the services this daemon holds."""
+    handed = 0
+    async with control.alert_hand_over:
+        for alert in await control.unhandled_alerts(services):
+            done = await hand_over(control, alert, clock())
+            handed += done.handled_at is not None
+    return handed

@@ -2,10 +2,16 @@
 
 The API and the alert receiver talk to a ``Control`` only, never to the engine, the
 pipeline or the store, so what they may read and change is listed in this one place.
-It holds no state of its own: every call delegates to the pipeline, the engine, the store
-or the bus. Writes go through the store's writer thread (``writer_for``) and the bus
-(``publish``); reads run in a worker thread. Either way no call waits for SQLite on the
+It holds no state of its own (but one lock: alerts are handed to the pipeline one batch
+at a time, whoever hands them over): every call delegates to the pipeline, the engine, the
+store or the bus. Writes go through the store's writer thread (``writer_for``) and the bus
+(``publish``); reads run in a worker thread. Either way no call waits for the store on the
 event loop.
+
+With several daemons on one PostgreSQL, a request only a service's holder may carry out
+(approve, reject, a manual rollback, a release) that reaches a daemon that does not hold
+the service is handed to the holder (``asker``, ``runtime/relay.py``) and answered as if
+done here.
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ import asyncio
 import contextlib
 import functools
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry
@@ -23,6 +29,8 @@ from rollbackd.config.loader import LoadedConfig, Service
 from rollbackd.core.check_state import CheckState
 from rollbackd.core.model import (
     AlertDraft,
+    HandoffDraft,
+    HandoffKind,
     JSONValue,
     Rollback,
     RollbackState,
@@ -32,9 +40,14 @@ from rollbackd.core.model import (
     VersionRecord,
 )
 from rollbackd.core.model import Trigger as JoinedTrigger
+from rollbackd.runtime import handoff_desk as desk
 from rollbackd.runtime.bake_evidence import BakeStatus
 from rollbackd.runtime.engine import Engine
+from rollbackd.runtime.holdings import Holdings as Holdings
+from rollbackd.runtime.holdings import read_holdings
 from rollbackd.runtime.pipeline import Pipeline
+from rollbackd.runtime.relay import Asker
+from rollbackd.runtime.tenancy import NotHolder
 from rollbackd.runtime.triggers import Submission, Trigger
 from rollbackd.runtime.versions import VersionObservation
 from rollbackd.store.errors import ConflictError, FencedError
@@ -95,8 +108,15 @@ class Resumed:
 class Control:
     """The one object the API and the alert receiver talk to (see the module's doc)."""
 
-    def __init__(self, pipeline: Pipeline) -> None:
+    def __init__(self, pipeline: Pipeline, *, asker: Asker | None = None) -> None:
+        """``asker``: how requests reach the holder of a service another daemon holds;
+        None when this daemon is alone (it holds every service)."""
         self._pipeline = pipeline
+        self._asker = asker
+        self.alert_hand_over = asyncio.Lock()
+        """Held while alerts are handed to the pipeline: two deliveries of one alert (two
+        routes with continue), or a delivery and the relay, must not both see it unhandled
+        and both hand it over."""
 
     # Properties, not attributes: a reload replaces the engine's config, and tests swap
     # the pipeline's methods; a facade must see what is in force at each call.
@@ -164,6 +184,11 @@ class Control:
         }
         return StatusReads(paused, states, good, records, [self._detail(r) for r in live])
 
+    async def leases(self, names: Sequence[str]) -> Holdings:
+        """Who holds each of ``names`` (live leases, this daemon's member name) and, for
+        those another daemon holds, the check states it saved; empty alone (SQLite)."""
+        return await read_holdings(self._store, self._pipeline.tenancy, names)
+
     def check_state(self, service: str, check: str) -> CheckState:
         return self._engine.check_state(service, check)
 
@@ -226,20 +251,66 @@ class Control:
     # -- rollbacks -------------------------------------------------------------------------
 
     async def submit(self, trigger: Trigger) -> Submission:
-        """Hand a trigger to the pipeline (raises UnknownService)."""
+        """Hand a trigger to this daemon's pipeline (raises UnknownService); ``not_holder``
+        when another daemon holds the service."""
         return await self._pipeline.submit(trigger)
+
+    async def request(self, trigger: Trigger) -> Submission:
+        """A person's rollback request: decided by the service's holder, wherever it is
+        (raises UnknownService)."""
+        submission = await self._pipeline.submit(trigger)
+        if submission.outcome != "not_holder" or self._asker is None:
+            return submission
+        answer = await self._ask(trigger.service, HandoffKind.ROLLBACK, desk.rollback_body(trigger))
+        handed, rollback_id = desk.answered_submission(answer)
+        rollback = None
+        if rollback_id is not None:
+            rollback = await asyncio.to_thread(self._store.rollback, rollback_id)
+        return replace(handed, rollback=rollback)
 
     async def approve(self, rollback_id: int, who: str) -> Rollback:
         """Raises LookupError for an unknown rollback, ConflictError for one not pending
-        or whose service another daemon holds."""
-        with _fenced_is_conflict():
-            return await self._pipeline.approve(rollback_id, who)
+        (or whose holder could not be asked)."""
+        try:
+            with _fenced_is_conflict(handing_off=self._asker is not None):
+                return await self._pipeline.approve(rollback_id, who)
+        except _HandOff:
+            pass
+        service = await self._service_of_rollback(rollback_id)
+        answer = await self._ask(service, HandoffKind.APPROVE, desk.approve_body(rollback_id, who))
+        return await self._answered_rollback(answer)
 
     async def reject(self, rollback_id: int, who: str, reason: str) -> Rollback:
         """Raises LookupError for an unknown rollback, ConflictError for one not pending
-        or whose service another daemon holds."""
-        with _fenced_is_conflict():
-            return await self._pipeline.reject(rollback_id, who, reason)
+        (or whose holder could not be asked)."""
+        try:
+            with _fenced_is_conflict(handing_off=self._asker is not None):
+                return await self._pipeline.reject(rollback_id, who, reason)
+        except _HandOff:
+            pass
+        service = await self._service_of_rollback(rollback_id)
+        body = desk.reject_body(rollback_id, who, reason)
+        return await self._answered_rollback(await self._ask(service, HandoffKind.REJECT, body))
+
+    async def _ask(
+        self, service: str, kind: HandoffKind, body: Mapping[str, JSONValue]
+    ) -> desk.Answer:
+        assert self._asker is not None
+        draft = HandoffDraft(service, kind, body, self._asker.member)
+        return await self._asker.ask(draft)
+
+    async def _service_of_rollback(self, rollback_id: int) -> str:
+        found = await asyncio.to_thread(self._store.rollback, rollback_id)
+        if found is None:
+            raise LookupError(f"no rollback {rollback_id}")
+        return found.service
+
+    async def _answered_rollback(self, answer: desk.Answer) -> Rollback:
+        rollback_id = desk.answered_rollback_id(answer)
+        found = await asyncio.to_thread(self._store.rollback, rollback_id)
+        if found is None:
+            raise LookupError(f"no rollback {rollback_id}")
+        return found
 
     # -- automation ------------------------------------------------------------------------
 
@@ -272,7 +343,11 @@ class Control:
         self, service: str, version: str, meta: Mapping[str, str], now: float
     ) -> VersionObservation:
         """Record a release from CI (raises ValueError for an invalid version). CI vouches
-        for a version with the meta ``known_good = "true"``."""
+        for a version with the meta ``known_good = "true"``. Recorded by the service's
+        holder: its version watch keeps the service's current version."""
+        if self._asker is not None and not self._pipeline.tenancy.may_act(service):
+            body = desk.release_body(version, meta, now)
+            return desk.answered_observation(await self._ask(service, HandoffKind.RELEASE, body))
         return await self._engine.record_release(
             service, version, now, meta, known_good=meta.get("known_good") == "true"
         )
@@ -290,16 +365,29 @@ class Control:
     ) -> None:
         await self._writer.set_alert_handled(alert_id, now, outcome, rollback_id)
 
+    async def unhandled_alerts(self, services: Sequence[str]) -> list[StoredAlert]:
+        """Alerts of ``services`` stored but not yet handed to a pipeline."""
+        return await asyncio.to_thread(self._store.unhandled_alerts, services)
+
 
 def _service_of(scope: str) -> str | None:
     return None if scope == "*" else scope
 
 
+class _HandOff(Exception):
+    """Another daemon holds the service: the request is to be handed to it."""
+
+
 @contextlib.contextmanager
-def _fenced_is_conflict() -> Iterator[None]:
-    """A decision this daemon lost the lease for is refused (409, with why), not a failure
-    of the store (503): the service's holder decides."""
+def _fenced_is_conflict(*, handing_off: bool) -> Iterator[None]:
+    """A decision about a service another daemon holds (or took over just now) is handed
+    to it when ``handing_off`` (raises _HandOff), else refused (409, with why) — never a
+    failure of the store (503)."""
     try:
         yield
-    except FencedError as exc:
+    except (NotHolder, FencedError) as exc:
+        if handing_off:
+            raise _HandOff from exc
+        if isinstance(exc, NotHolder):
+            raise ConflictError(f"{exc}: ask the daemon that holds it") from exc
         raise ConflictError(f"not decided here: {exc}") from exc

@@ -13,6 +13,13 @@ held only until (the moment just before its renewal or acquisition was sent) + l
 SAFETY. The database can only have started the lease's time later than that, so a daemon
 that cannot renew (the database unreachable, the process paused) stops acting before the
 database lets another daemon take the lease over.
+
+Leases are held by member name, so two daemons given one ``[store] member`` would share
+them, epochs and all. Each keeper heartbeats with a random id of its own process
+(``instance``), and the store refuses a heartbeat while the name is live for another
+(``MemberTakenError``): at start the daemon refuses to run; later (the other started while
+this one was cut off) this one stops acting on everything and gives nothing back, since
+what it would give back is the other's now.
 """
 
 from __future__ import annotations
@@ -34,7 +41,7 @@ from rollbackd.core.model import Fence, Lease
 from rollbackd.logs import get_logger
 from rollbackd.runtime.metrics import Metrics
 from rollbackd.runtime.tenancy import NotHolder
-from rollbackd.store.errors import StoreError
+from rollbackd.store.errors import MemberTakenError, StoreError
 from rollbackd.store.interfaces import LeaseStore
 
 log = get_logger("rollbackd.leases")
@@ -43,6 +50,10 @@ SAFETY = 0.8
 """The share of the lease time this daemon acts on a lease after sending its renewal: the
 rest is the margin for clock drift between this host and the database, and for a renewal
 that is slow to arrive."""
+
+START_MARGIN = 0.2
+"""Seconds past a predecessor's heartbeat expiry that a starting keeper waits before its
+last try (the database's clock and this host's run at slightly different rates)."""
 
 T = TypeVar("T")
 
@@ -78,6 +89,13 @@ def assign(services: Sequence[str], members: Sequence[str]) -> dict[str, list[st
     return split
 
 
+def _inherited(lease: Lease, ttl: float) -> bool:
+    """Whether ``acquire`` renewed a tenure begun before it (the store's renewal of the same
+    holder's live lease) rather than beginning one: a new tenure starts at the acquisition,
+    so it expires exactly ttl after it began."""
+    return lease.expires_at - lease.acquired_at > ttl + 1e-3
+
+
 @dataclass(frozen=True)
 class _Held:
     lease: Lease
@@ -98,6 +116,7 @@ class LeaseKeeper:
         clock: Callable[[], float] = time.monotonic,
         *,
         metrics: Metrics | None = None,
+        instance: str | None = None,
     ) -> None:
         if not member:
             raise ValueError("a member id may not be empty")
@@ -105,12 +124,16 @@ class LeaseKeeper:
             raise ValueError(f"lease_time must be a positive number of seconds: {lease_time}")
         self.store = store
         self.member = member
+        self.instance = instance or secrets.token_hex(8)
+        """This process among any that were given the same member name."""
         self.lease_time = lease_time
         self._services = services
         self._clock = clock
         self._metrics = metrics
         self._held: dict[str, _Held] = {}
         self._failing = False
+        self._taken = False
+        """Another process runs as this member: nothing is held until it is gone."""
         # Its own thread, not the store writer's: a renewal must never queue behind a slow
         # rollback's writes there, or the daemon would lose its leases while busy. (Inside
         # the store it still takes the store's write lock, for one short statement.)
@@ -128,6 +151,11 @@ class LeaseKeeper:
             raise NotHolder(service)
         return Fence(holder=self.member, epoch=held.lease.epoch)
 
+    def evaluates(self, service: str) -> bool:
+        # A lease leaves _held when it is given back or a renewal finds it lost, never
+        # merely by lapsing: one that lapsed while the store was unreachable stays here.
+        return service in self._held
+
     def held(self) -> dict[str, Lease]:
         """The leases this daemon holds and may act on now, by service (for status)."""
         now = self._clock()
@@ -135,11 +163,35 @@ class LeaseKeeper:
 
     # --- the work ------------------------------------------------------------------------
 
+    async def start(self) -> None:
+        """The first tick, before the daemon acts on anything. Raises MemberTakenError when
+        another live daemon runs as this member. A member row still live for another
+        process may be this daemon's previous run, killed: it is waited out (up to the
+        lease time) once, and only a row renewed meanwhile refuses the start."""
+        try:
+            await self._tick_logged(refuse=True)
+        except MemberTakenError as exc:
+            wait = min(max(exc.expires_at - exc.now, 0.0), self.lease_time) + START_MARGIN
+            log.warning(
+                "member name live for another process: waiting for it to lapse",
+                member=self.member,
+                seconds=round(wait, 1),
+            )
+            await asyncio.sleep(wait)
+            await self._tick_logged(refuse=True)
+
     async def tick(self) -> None:
         """One round: heartbeat, then acquire, renew and release toward this member's
         share. A store failure is logged once; the deadlines kept lapse by themselves."""
+        await self._tick_logged(refuse=False)
+
+    async def _tick_logged(self, *, refuse: bool) -> None:
         try:
             await self._tick()
+        except MemberTakenError as exc:
+            self._drop_all_for_taken(exc, refuse=refuse)
+            if refuse:
+                raise
         except StoreError as exc:
             if not self._failing:
                 log.error(
@@ -151,13 +203,28 @@ class LeaseKeeper:
         else:
             if self._failing:
                 log.info("leases renewed again", member=self.member, held=len(self._held))
-            self._failing = False
+            if self._taken:
+                log.info("member name free again: holding leases", member=self.member)
+            self._failing = self._taken = False
         finally:
             self._count()
 
+    def _drop_all_for_taken(self, exc: MemberTakenError, *, refuse: bool) -> None:
+        """Stop acting on everything, releasing nothing: the leases under this member
+        name are the other process's now (a release would end its tenure)."""
+        if not self._taken and not refuse:
+            log.critical(
+                "another daemon runs as this member: acting on nothing",
+                member=self.member,
+                dropped=len(self._held),
+                error=str(exc),
+            )
+        self._held.clear()
+        self._taken = True
+
     async def _tick(self) -> None:
         ttl = self.lease_time
-        members = await self._call(self.store.heartbeat, self.member, ttl)
+        members = await self._call(self.store.heartbeat, self.member, ttl, self.instance)
         if self.member not in members:  # our own heartbeat is live: a store in doubt
             members = sorted([*members, self.member])
         wanted = set(assign(self._services(), members)[self.member])
@@ -169,6 +236,13 @@ class LeaseKeeper:
         for service in sorted(wanted - self._held.keys()):
             sent = self._clock()
             lease = await self._call(self.store.acquire, service, self.member, ttl)
+            if lease is not None and _inherited(lease, ttl):
+                # Live under this member name, but begun by another process (this daemon's
+                # previous run, killed; or the one that had the name meanwhile): a tenure of
+                # its own, so that whatever that process began stays fenced off.
+                await self._call(self.store.release, service, self.member)
+                sent = self._clock()
+                lease = await self._call(self.store.acquire, service, self.member, ttl)
             if lease is None:
                 continue  # still live for its old holder: taken when it lapses or is given
             self._keep(lease, sent)
@@ -209,12 +283,14 @@ class LeaseKeeper:
         services = sorted(self._held)
         self._held.clear()
         self._count()
+        if self._taken:
+            return  # the member name is another process's: nothing here to give back
         try:
             for service in services:
                 await self._call(self.store.release, service, self.member)
             # Gone from the live members too (ttl 0: dead at once), so that the others
             # count without it at their next tick and take its share, not only its leases.
-            await self._call(self.store.heartbeat, self.member, 0.0)
+            await self._call(self.store.heartbeat, self.member, 0.0, self.instance)
         except StoreError as exc:
             log.warning("leases not released: they expire by themselves", error=str(exc))
 
@@ -230,4 +306,4 @@ class LeaseKeeper:
             self._metrics.leases_held.set(len(self.held()))
 
 
-__all__ = ["SAFETY", "LeaseKeeper", "assign", "default_member"]
+__all__ = ["SAFETY", "START_MARGIN", "LeaseKeeper", "assign", "default_member"]

@@ -60,7 +60,7 @@ class Runner:
     ) -> CheckEvaluation | None:
         """The check evaluated and its firings handed over; None (nothing done) when the
         service is another daemon's."""
-        if not self.tenancy.may_act(service.name):
+        if not self.tenancy.evaluates(service.name):
             return None
         evaluation = await self.engine.run_check(service, check, now, answers=answers)
         await self.hand_over(evaluation)
@@ -69,7 +69,7 @@ class Runner:
     async def run_batch(self, batch: Batch, now: float) -> list[CheckEvaluation]:
         """The members whose service this daemon may act on, still with one query for
         them all (the batch's); nothing when it may act on none."""
-        mine = tuple(m for m in batch.members if self.tenancy.may_act(m.service.name))
+        mine = tuple(m for m in batch.members if self.tenancy.evaluates(m.service.name))
         if not mine:
             return []
         if len(mine) < len(batch.members):

@@ -33,6 +33,12 @@ class Tenancy(Protocol):
         alone). Raises ``NotHolder`` when this daemon may not act on it."""
         ...
 
+    def evaluates(self, service: str) -> bool:
+        """Whether this daemon evaluates ``service``'s checks: while it may act on it, and
+        also while it cannot reach the store to renew a lease it held (it acts on nothing
+        then, but its check states stay current for when the store is back)."""
+        ...
+
 
 class SoloTenancy:
     """One daemon alone: it holds every service, and its writes need no fence."""
@@ -42,3 +48,6 @@ class SoloTenancy:
 
     def fence(self, service: str) -> Fence | None:
         return None
+
+    def evaluates(self, service: str) -> bool:
+        return True

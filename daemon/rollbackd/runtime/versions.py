@@ -20,10 +20,11 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 
-from rollbackd.core.model import VersionSource
+from rollbackd.core.model import ServiceState, VersionSource
 from rollbackd.core.samples import Sample
 from rollbackd.core.version_names import is_valid_version
 from rollbackd.runtime.bake_evidence import Judgement
+from rollbackd.store.errors import StoreError
 from rollbackd.store.interfaces import StateStore
 from rollbackd.store.writer import writer_for
 
@@ -203,6 +204,8 @@ class VersionTracker:
         self._missing: dict[str, _Missing] = {}
         self._touches: dict[tuple[str, str], float] = {}
         self._touched_at = -math.inf
+        self._last_read: dict[str, ServiceState | None] = {}
+        """Each service's state as ``current`` read it last (``_last_read_state``)."""
 
     async def observe(
         self,
@@ -218,7 +221,7 @@ class VersionTracker:
         less than ``absence_grace`` seconds (see ``decide``)."""
         found = candidates(samples, label)
         async with self._lock(service):
-            state = self._store.service_state(service)
+            state = self._read_state(service)
             stored = None if state is None else state.current_version
             if not found.values or now < self._applied_at.get(service, -math.inf):
                 return self._unchanged(service, stored, found.rejected)
@@ -271,7 +274,7 @@ class VersionTracker:
                 "starting with a letter or digit, at most 128 characters"
             )
         async with self._lock(service):
-            state = self._store.service_state(service)
+            state = self._read_state(service)
             stored = None if state is None else state.current_version
             at = max(now, self._applied_at.get(service, -math.inf))
             self._applied_at[service] = at
@@ -304,7 +307,7 @@ class VersionTracker:
         version marked bad never bakes, nor does one missing from the latest answer: it
         may have been rolled back, and bakes when it answers again."""
         async with self._lock(service):
-            state = self._store.service_state(service)
+            state = self._read_state(service)
             if state is None or state.current_version is None or state.current_since is None:
                 return None
             first_since_start = service not in self._bake_watched_since_start
@@ -370,12 +373,31 @@ class VersionTracker:
         return None if record is None else record.version
 
     def current(self, service: str) -> str | None:
-        state = self._store.service_state(service)
+        state = self._last_read_state(service)
         return None if state is None else state.current_version
 
     def current_since(self, service: str) -> float | None:
-        state = self._store.service_state(service)
+        state = self._last_read_state(service)
         return None if state is None else state.current_since
+
+    def _read_state(self, service: str) -> ServiceState | None:
+        """The service's stored state, remembered for ``_last_read_state``."""
+        state = self._store.service_state(service)
+        self._last_read[service] = state
+        return state
+
+    def _last_read_state(self, service: str) -> ServiceState | None:
+        """The service's stored state; while the store cannot be read, the state read
+        last. Only for judging: checks go on being evaluated through an outage of the
+        store (nothing is decided meanwhile, as no decision could be recorded), and each
+        evaluation asks which version is current."""
+        try:
+            state = self._read_state(service)
+        except StoreError:
+            if service not in self._last_read:
+                raise
+            return self._last_read[service]
+        return state
 
     def _lock(self, service: str) -> asyncio.Lock:
         lock = self._locks.get(service)

@@ -87,7 +87,7 @@ async def request_rollback(body: RollbackRequest, api: Api) -> SubmissionOut:
         requested_by=body.requested_by or "api",
     )
     try:
-        submission = await api.control.submit(trigger)
+        submission = await api.control.request(trigger)
     except UnknownService as exc:  # removed by a reload meanwhile
         raise HTTPException(404, str(exc)) from None
     if submission.outcome == "unrecorded":
