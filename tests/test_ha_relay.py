@@ -5,9 +5,9 @@ daemon that does *not* hold its service.
 - An alert storm sent round-robin to all three: every alert is stored once (its re-sends
   counted on the one row), every one is handed to the pipeline by the service's holder,
   and the release is rolled back once.
-- A person's writes (approve, reject, a manual rollback, a release) through a daemon that
-  does not hold the service: the holder carries each out, under its own lease, and the
-  asker answers as the holder would have.
+- A person's writes (approve, reject, a manual rollback, a release, pause and resume)
+  through a daemon that does not hold the service: the holder carries each out, under its
+  own lease, and the asker answers as the holder would have.
 
 ``lease_time`` is 3 s (``support.ha``) so that the split settles in seconds; leases play no
 part in what is proved here beyond who holds what. Waiting is bounded polling.
@@ -260,3 +260,45 @@ def test_a_persons_writes_through_a_daemon_that_does_not_hold_the_service_take_e
         # An unknown rollback is unknown wherever it is asked.
         missing = post(other, "/api/v1/rollbacks/999999/approve", {"by": "alice"})
         assert missing.status_code == 404, missing.text
+
+
+@pytest.mark.prometheus
+def test_pause_and_resume_through_daemons_that_do_not_hold_the_service_govern_its_holder(
+    prometheus_factory: PrometheusFactory, postgres_database: Database, tmp_path: Path
+) -> None:
+    log = tmp_path / "runs.log"
+    prometheus = prometheus_factory()
+    with three_daemons(tmp_path, postgres_database, prometheus.url, log) as daemons:
+        alive = list(daemons.values())
+        split = await_split(postgres_database, SERVICES, alive, timeout=60)
+        first, second = elsewhere("checkout", split, daemons)
+        paused = post(first, "/api/v1/services/checkout/pause", {"by": "alice"})
+        assert paused.status_code == 200, paused.text
+        sent = post(second, WEBHOOK, content=delivery("checkout", range(1)))
+        assert sent.status_code == 200, sent.text
+
+        def refused() -> bool:
+            for daemon in alive:
+                daemon.assert_alive()
+            found = rows(
+                postgres_database,
+                "SELECT outcome FROM alerts WHERE matched_service = 'checkout'"
+                " AND handled_at IS NOT NULL",
+            )
+            return bool(found)
+
+        poll(refused, timeout=30, interval=0.1, what="the holder to decide the alert")
+        [(outcome,)] = rows(postgres_database, "SELECT outcome FROM alerts")
+        assert outcome.startswith("refused") and "paused" in outcome, outcome
+        assert rollbacks_of(postgres_database, "checkout") == []
+
+        resumed = post(second, "/api/v1/services/checkout/resume", {"by": "alice"})
+        assert resumed.status_code == 200, resumed.text
+        # The holder decides the still-firing alert again (its housekeeping) and rolls back.
+        [(rollback_id, _, _)] = await_rows(
+            postgres_database,
+            alive,
+            "SELECT id, state, decided_by FROM rollbacks WHERE service = 'checkout'",
+        )
+        await_state(postgres_database, rollback_id, "succeeded", alive)
+        assert len(runs_for(log, "checkout")) == 1

@@ -81,6 +81,8 @@ class Daemon:
         self.engine = Engine(self.loaded, self.client, self.store, metrics=self.metrics)
         self.keeper = self._lease_keeper()
         self.tenancy: Tenancy = SoloTenancy() if self.keeper is None else self.keeper
+        # Check states are the holder's to save: one that evaluates a lapsed lease does not.
+        self.engine.keeper.may_save = self.tenancy.may_act
         self.pipeline = Pipeline(self.engine, tenancy=self.tenancy)
         # The one place evaluation meets decision: what fires goes to the pipeline, and
         # only for the services this daemon may act on (all of them, alone on SQLite).

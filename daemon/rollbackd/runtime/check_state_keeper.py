@@ -10,6 +10,7 @@ that its firing is handed over once more.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
 
 from rollbackd.config.loader import LoadedConfig
@@ -43,6 +44,12 @@ class CheckStateKeeper:
         a state that did not change is not written again."""
         self._restored_firing: set[tuple[str, str, Labels]] = set()
         """Series restored firing, not yet seen breaching again since the restart."""
+        self.may_save: Callable[[str], bool] = lambda service: True
+        """Whether this daemon may write ``service``'s check states now: with several
+        daemons, only while it holds the service (``Tenancy.may_act``). A daemon that goes
+        on evaluating a lease that lapsed (the store was unreachable) must not overwrite
+        what the service's new holder saves; its own state is saved once it holds the
+        service again, as it then differs from what was last written."""
 
     def restore(self, loaded: LoadedConfig) -> dict[Key, CheckState]:
         """The states saved before a restart, for the checks configured now; the rows of
@@ -82,7 +89,7 @@ class CheckStateKeeper:
         # the cap every check would be written at every evaluation of an outage.
         stored = replace(state, error_count=min(state.error_count, policy.blind_after))
         text = encode(stored)
-        if self._saved.get(key, _BLANK_STATE) == text:
+        if self._saved.get(key, _BLANK_STATE) == text or not self.may_save(key[0]):
             return
         writer = writer_for(self.store)
         try:

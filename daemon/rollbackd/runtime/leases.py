@@ -232,7 +232,9 @@ class LeaseKeeper:
         for service in sorted(s for s in self._held if s not in wanted):
             # Stop acting first, then hand it over: never both daemons at once.
             del self._held[service]
+            self._count()  # the gauge says so at once, not at the end of the tick
             await self._call(self.store.release, service, self.member)
+            log.info("lease handed back", service=service, member=self.member)
         for service in sorted(wanted - self._held.keys()):
             sent = self._clock()
             lease = await self._call(self.store.acquire, service, self.member, ttl)

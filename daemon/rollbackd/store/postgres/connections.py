@@ -39,6 +39,12 @@ READ_POOL_SIZE = 8
 READ_WAIT = 10.0
 """Seconds a read waits for a free read connection (or for the server) before it fails."""
 
+RECONNECT_GIVE_UP = 2.0
+"""Seconds the read pool goes on retrying one lost connection before it gives up; the next
+read starts a new attempt at once. The pool's retries back off exponentially (1 s, 2 s,
+4 s, ...), so a long series would leave reads failing for as long after the server is back
+as the outage lasted; short series keep that to about a second."""
+
 
 def redact(url: str) -> str:
     """``url`` without any password: fit for messages and logs."""
@@ -98,6 +104,7 @@ class Settings:
             min_size=1,
             max_size=READ_POOL_SIZE,
             timeout=READ_WAIT,
+            reconnect_timeout=RECONNECT_GIVE_UP,
             name="rollbackd-readers",
             open=False,
         )
