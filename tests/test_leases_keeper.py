@@ -299,6 +299,10 @@ class Breakable:
         self._check()
         return self.store.acquire(service, holder, ttl)
 
+    def acquire_many(self, services: Sequence[str], holder: str, ttl: float) -> list[Lease]:
+        self._check()
+        return self.store.acquire_many(services, holder, ttl)
+
     def renew(self, holder: str, services: Sequence[str], ttl: float) -> list[Lease]:
         self._check()
         return self.store.renew(holder, services, ttl)

@@ -401,3 +401,50 @@ def test_postgres_daemons_see_each_others_leases_and_members(postgres_database: 
         taken = second.acquire("checkout", "daemon-b", TTL)
         assert taken is not None and taken.epoch == 2
         assert not first.holds("checkout", "daemon-a", 1)
+
+
+def test_acquire_many_takes_the_free_and_expired_in_one_call_and_skips_the_live(
+    store: StateStore,
+) -> None:
+    assert store.acquire("cart", "daemon-b", TTL) is not None  # live for another
+    expired = store.acquire("search", "daemon-b", 0.0)  # expired at once
+    own = store.acquire("payments", "daemon-a", TTL)  # this holder's own, live
+    assert expired is not None and own is not None
+    won = store.acquire_many(["search", "checkout", "cart", "payments"], "daemon-a", TTL)
+    assert [held.service for held in won] == ["checkout", "payments", "search"]
+    by_service = {held.service: held for held in won}
+    assert by_service["checkout"].epoch == 1
+    assert by_service["search"].epoch == expired.epoch + 1  # a new tenure
+    assert (by_service["payments"].epoch, by_service["payments"].acquired_at) == (
+        own.epoch,
+        own.acquired_at,
+    )  # a renewal
+    assert {h.holder for h in won} == {"daemon-a"}
+    assert store.holds("cart", "daemon-b", 1)
+    assert store.acquire_many([], "daemon-a", TTL) == []
+    with pytest.raises(ValueError):
+        store.acquire_many(["ok", ""], "daemon-a", TTL)
+
+
+def test_racing_acquire_many_calls_split_the_services_without_deadlock(
+    postgres_database: Database,
+) -> None:
+    names = [f"svc-{n:04d}" for n in range(300)]
+    stores = [
+        PostgresStore(postgres_database.url, password=postgres_database.password) for _ in range(3)
+    ]
+    try:
+        barrier = threading.Barrier(len(stores))
+
+        def take(index: int) -> list[str]:
+            barrier.wait()
+            # Each asks for all, in its own order: rows are locked in one order anyway.
+            order = names[index::3] + names
+            return [held.service for held in stores[index].acquire_many(order, f"d{index}", TTL)]
+
+        with ThreadPoolExecutor(len(stores)) as pool:
+            won = [s for got in pool.map(take, range(len(stores))) for s in got]
+        assert sorted(won) == names  # every one taken, by exactly one
+    finally:
+        for one in stores:
+            one.close()

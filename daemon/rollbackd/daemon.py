@@ -83,6 +83,11 @@ class Daemon:
         self.tenancy: Tenancy = SoloTenancy() if self.keeper is None else self.keeper
         # Check states are the holder's to save: one that evaluates a lapsed lease does not.
         self.engine.keeper.may_save = self.tenancy.may_act
+        if self.keeper is not None:
+            # Thousands of evaluations must not each wait on a database round trip for the
+            # current version; a service taken over is read again.
+            self.engine.versions.keep_current_in_memory()
+            self.keeper.on_acquired = self.engine.versions.forget
         self.pipeline = Pipeline(self.engine, tenancy=self.tenancy)
         # The one place evaluation meets decision: what fires goes to the pipeline, and
         # only for the services this daemon may act on (all of them, alone on SQLite).

@@ -55,6 +55,10 @@ START_MARGIN = 0.2
 """Seconds past a predecessor's heartbeat expiry that a starting keeper waits before its
 last try (the database's clock and this host's run at slightly different rates)."""
 
+ACQUIRE_BATCH = 500
+"""Services asked for in one acquire: one round trip each, so that taking a share of
+thousands fits well within a lease time."""
+
 T = TypeVar("T")
 
 
@@ -131,6 +135,9 @@ class LeaseKeeper:
         self._clock = clock
         self._metrics = metrics
         self._held: dict[str, _Held] = {}
+        self.on_acquired: Callable[[str], None] | None = None
+        """Called with each service whose lease this daemon takes (not renews): what it
+        kept in memory about the service may be stale, as another daemon held it."""
         self._failing = False
         self._taken = False
         """Another process runs as this member: nothing is held until it is gone."""
@@ -235,20 +242,32 @@ class LeaseKeeper:
             self._count()  # the gauge says so at once, not at the end of the tick
             await self._call(self.store.release, service, self.member)
             log.info("lease handed back", service=service, member=self.member)
-        for service in sorted(wanted - self._held.keys()):
-            sent = self._clock()
-            lease = await self._call(self.store.acquire, service, self.member, ttl)
-            if lease is not None and _inherited(lease, ttl):
+        missing = sorted(wanted - self._held.keys())
+        for start in range(0, len(missing), ACQUIRE_BATCH):
+            await self._acquire(missing[start : start + ACQUIRE_BATCH])
+
+    async def _acquire(self, services: list[str]) -> None:
+        """Take what is free or expired among ``services``, in one round trip; those still
+        live for their old holders are taken when they lapse or are given back."""
+        ttl = self.lease_time
+        sent = self._clock()
+        won = await self._call(self.store.acquire_many, services, self.member, ttl)
+        for lease in won:
+            taken_at = sent
+            if _inherited(lease, ttl):
                 # Live under this member name, but begun by another process (this daemon's
                 # previous run, killed; or the one that had the name meanwhile): a tenure of
                 # its own, so that whatever that process began stays fenced off.
-                await self._call(self.store.release, service, self.member)
-                sent = self._clock()
-                lease = await self._call(self.store.acquire, service, self.member, ttl)
-            if lease is None:
-                continue  # still live for its old holder: taken when it lapses or is given
-            self._keep(lease, sent)
-            log.info("lease acquired", service=service, epoch=lease.epoch, member=self.member)
+                await self._call(self.store.release, lease.service, self.member)
+                taken_at = self._clock()
+                again = await self._call(self.store.acquire, lease.service, self.member, ttl)
+                if again is None:
+                    continue
+                lease = again
+            self._keep(lease, taken_at)
+            if self.on_acquired is not None:
+                self.on_acquired(lease.service)
+            log.info("lease acquired", service=lease.service, epoch=lease.epoch, member=self.member)
             if lease.epoch > 1 and self._metrics is not None:
                 self._metrics.lease_takeovers.inc()
 

@@ -206,6 +206,8 @@ class VersionTracker:
         self._touched_at = -math.inf
         self._last_read: dict[str, ServiceState | None] = {}
         """Each service's state as ``current`` read it last (``_last_read_state``)."""
+        self._in_memory = False
+        """``keep_current_in_memory``: judging reads ``_last_read`` instead of the store."""
 
     async def observe(
         self,
@@ -386,11 +388,25 @@ class VersionTracker:
         self._last_read[service] = state
         return state
 
+    def keep_current_in_memory(self) -> None:
+        """Answer ``current``/``current_since`` from the state read last, not the store:
+        for a daemon that shares PostgreSQL, where each of thousands of evaluations would
+        otherwise wait on the event loop for a round trip to the database. Right while
+        this daemon alone changes the versions of the services it judges: it re-reads a
+        service after its own version writes and whenever it takes a lease (``forget``)."""
+        self._in_memory = True
+
+    def forget(self, service: str) -> None:
+        """Read the service's state from the store again at the next ``current``."""
+        self._last_read.pop(service, None)
+
     def _last_read_state(self, service: str) -> ServiceState | None:
         """The service's stored state; while the store cannot be read, the state read
         last. Only for judging: checks go on being evaluated through an outage of the
         store (nothing is decided meanwhile, as no decision could be recorded), and each
         evaluation asks which version is current."""
+        if self._in_memory and service in self._last_read:
+            return self._last_read[service]
         try:
             state = self._read_state(service)
         except StoreError:
@@ -436,7 +452,12 @@ class VersionTracker:
     ) -> VersionObservation:
         changed = version != stored
         if changed:
-            await self._writer.record_version_change(service, stored, version, now, source, meta)
+            try:
+                await self._writer.record_version_change(
+                    service, stored, version, now, source, meta
+                )
+            finally:
+                self.forget(service)
         else:
             await self._touch(service, version, now)
         record = self._store.version(service, version)

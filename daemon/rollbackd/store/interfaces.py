@@ -402,6 +402,13 @@ class LeaseStore(Protocol):
         lease is live. Atomic: two racing acquirers never both win."""
         ...
 
+    def acquire_many(self, services: Sequence[str], holder: str, ttl: float) -> list[Lease]:
+        """``acquire`` for each of ``services`` (no duplicates), in one round trip: the
+        leases won, sorted by service; the others are live for another holder. As atomic
+        per service as ``acquire``; a daemon taking its share of thousands of services
+        must not need one transaction each (a lease time would pass meanwhile)."""
+        ...
+
     def renew(self, holder: str, services: Sequence[str], ttl: float) -> list[Lease]:
         """Extend ``holder``'s live leases among ``services`` to now + ttl; return the ones
         renewed, sorted by service. A lease that had expired is not renewed (it may have

@@ -34,33 +34,39 @@ class PostgresAlerts(Database, AlertStore):
         results: list[tuple[StoredAlert, bool]] = []
         if not drafts:
             return results
-        with self._write() as conn:
-            for draft in drafts:
-                row = conn.execute(
-                    _UPSERT_ALERT,
-                    (
-                        draft.fingerprint,
-                        draft.status,
-                        draft.starts_at,
-                        draft.ends_at,
-                        draft.alertname,
-                        rows.dump_json(draft.labels),
-                        rows.dump_json(draft.annotations),
-                        draft.generator_url,
-                        draft.receiver,
-                        draft.group_key,
-                        received_at,
-                        received_at,
-                        draft.matched_service,
-                        None if draft.needs_handling else received_at,
-                        draft.outcome,
-                    ),
-                ).fetchone()
+        params = [
+            (
+                draft.fingerprint,
+                draft.status,
+                draft.starts_at,
+                draft.ends_at,
+                draft.alertname,
+                rows.dump_json(draft.labels),
+                rows.dump_json(draft.annotations),
+                draft.generator_url,
+                draft.receiver,
+                draft.group_key,
+                received_at,
+                received_at,
+                draft.matched_service,
+                None if draft.needs_handling else received_at,
+                draft.outcome,
+            )
+            for draft in drafts
+        ]
+        with self._write() as conn, conn.cursor() as cursor:
+            # One statement per alert, sent together (psycopg pipelines executemany): one
+            # round trip for the delivery, not one per alert.
+            cursor.executemany(_UPSERT_ALERT, params, returning=True)
+            while True:
+                row = cursor.fetchone()
                 if row is None:
                     raise StoreError("PostgreSQL returned no row for an upserted alert")
                 alert = rows.alert(row)
                 # Every conflict adds a delivery, so one delivery means this call inserted it.
                 results.append((alert, alert.deliveries == 1))
+                if not cursor.nextset():
+                    break
             if any(alert.handled_at is None for alert, _ in results):
                 # The service's holder may be another daemon: it looks at once.
                 notify(conn)

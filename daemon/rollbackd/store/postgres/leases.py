@@ -56,6 +56,21 @@ _ACQUIRE = f"""
     WHERE held.expires_at <= excluded.acquired_at OR held.holder = excluded.holder
     RETURNING {LEASE_COLUMNS}"""  # noqa: S608
 
+_ACQUIRE_MANY = f"""
+    {_WITH_CLOCK}
+    INSERT INTO leases AS held ({LEASE_COLUMNS})
+    SELECT wanted.service, %(holder)s, 1, clock.now, clock.now + %(ttl)s::double precision
+    FROM clock, unnest(%(services)s::text[]) AS wanted(service)
+    ORDER BY wanted.service
+    ON CONFLICT (service) DO UPDATE SET
+        holder = excluded.holder,
+        epoch = CASE WHEN {_SAME_TENURE} THEN held.epoch ELSE held.epoch + 1 END,
+        acquired_at = CASE WHEN {_SAME_TENURE} THEN held.acquired_at
+                           ELSE excluded.acquired_at END,
+        expires_at = excluded.expires_at
+    WHERE held.expires_at <= excluded.acquired_at OR held.holder = excluded.holder
+    RETURNING {LEASE_COLUMNS}"""  # noqa: S608
+
 _RENEW = f"""
     {_WITH_CLOCK}
     UPDATE leases SET expires_at = clock.now + %(ttl)s::double precision FROM clock
@@ -127,6 +142,22 @@ class PostgresLeases(Database, LeaseStore):
                 _ACQUIRE, {"service": service, "holder": holder, "ttl": float(ttl)}
             ).fetchone()
         return None if row is None else lease(row)
+
+    def acquire_many(self, services: Sequence[str], holder: str, ttl: float) -> list[Lease]:
+        check_name("holder", holder)
+        check_ttl(ttl)
+        names = sorted(set([services] if isinstance(services, str) else services))
+        for service in names:
+            check_name("service", service)
+        if not names:
+            return []
+        # Rows are locked in service order, as by every other daemon's acquire_many: two
+        # racing for overlapping sets wait for each other rather than deadlock.
+        with self._write() as conn:
+            found = conn.execute(
+                _ACQUIRE_MANY, {"services": names, "holder": holder, "ttl": float(ttl)}
+            ).fetchall()
+        return sorted((lease(row) for row in found), key=lambda held: held.service)
 
     def renew(self, holder: str, services: Sequence[str], ttl: float) -> list[Lease]:
         check_name("holder", holder)

@@ -62,32 +62,20 @@ class SQLiteLeases(Database, LeaseStore):
         check_name("holder", holder)
         check_ttl(ttl)
         with self._write() as conn:
-            now = _now(conn)
-            row = conn.execute(
-                f"SELECT {LEASE_COLUMNS} FROM leases WHERE service = ?",  # noqa: S608
-                (service,),
-            ).fetchone()
-            current = None if row is None else lease(row)
-            if current is None:
-                conn.execute(
-                    f"INSERT INTO leases ({LEASE_COLUMNS}) VALUES (?, ?, 1, ?, ?)",  # noqa: S608
-                    (service, holder, now, now + ttl),
-                )
-                return Lease(service, holder, 1, now, now + ttl)
-            live = current.expires_at > now
-            if live and current.holder != holder:
-                return None
-            if live:
-                # The holder's own live lease: a renewal, the same tenure.
-                epoch, acquired_at = current.epoch, current.acquired_at
-            else:
-                epoch, acquired_at = current.epoch + 1, now
-            conn.execute(
-                """UPDATE leases SET holder = ?, epoch = ?, acquired_at = ?, expires_at = ?
-                   WHERE service = ?""",
-                (holder, epoch, acquired_at, now + ttl, service),
-            )
-            return Lease(service, holder, epoch, acquired_at, now + ttl)
+            return _acquire(conn, service, holder, ttl, _now(conn))
+
+    def acquire_many(self, services: Sequence[str], holder: str, ttl: float) -> list[Lease]:
+        check_name("holder", holder)
+        check_ttl(ttl)
+        names = sorted(set([services] if isinstance(services, str) else services))
+        for service in names:
+            check_name("service", service)
+        if not names:
+            return []
+        with self._write() as conn:
+            now = _now(conn)  # one instant for the whole batch, as on PostgreSQL
+            won = [_acquire(conn, service, holder, ttl, now) for service in names]
+        return [held for held in won if held is not None]
 
     def renew(self, holder: str, services: Sequence[str], ttl: float) -> list[Lease]:
         check_name("holder", holder)
@@ -141,3 +129,34 @@ class SQLiteLeases(Database, LeaseStore):
                 (service, holder, epoch),
             ).fetchone()
         return row is not None
+
+
+def _acquire(
+    conn: sqlite3.Connection, service: str, holder: str, ttl: float, now: float
+) -> Lease | None:
+    """One acquire inside the caller's write transaction, judged at ``now``."""
+    row = conn.execute(
+        f"SELECT {LEASE_COLUMNS} FROM leases WHERE service = ?",  # noqa: S608
+        (service,),
+    ).fetchone()
+    current = None if row is None else lease(row)
+    if current is None:
+        conn.execute(
+            f"INSERT INTO leases ({LEASE_COLUMNS}) VALUES (?, ?, 1, ?, ?)",  # noqa: S608
+            (service, holder, now, now + ttl),
+        )
+        return Lease(service, holder, 1, now, now + ttl)
+    live = current.expires_at > now
+    if live and current.holder != holder:
+        return None
+    if live:
+        # The holder's own live lease: a renewal, the same tenure.
+        epoch, acquired_at = current.epoch, current.acquired_at
+    else:
+        epoch, acquired_at = current.epoch + 1, now
+    conn.execute(
+        """UPDATE leases SET holder = ?, epoch = ?, acquired_at = ?, expires_at = ?
+           WHERE service = ?""",
+        (holder, epoch, acquired_at, now + ttl, service),
+    )
+    return Lease(service, holder, epoch, acquired_at, now + ttl)
