@@ -33,6 +33,13 @@ Run from the repository root::
     .venv/bin/python bench/check_scale.py --services 100 500 2000
     .venv/bin/python bench/check_scale.py --services 2000 --duration 90 --profile bench/out
     .venv/bin/python bench/check_scale.py --services 2000 --no-batching   # one query per check
+    .venv/bin/python bench/check_scale.py --services 2000 --store postgres --daemons 3
+
+``--store postgres`` starts a real PostgreSQL (``tests/support/postgres.py``, a fresh
+database per N) and runs ``--daemons`` daemons (default 3) on it, each a member of its own
+name with ``--lease-time``: they split the services through leases. Figures are then given
+per daemon and in total, with the services evaluated by more than one daemon (or by none)
+in the measured window, from each daemon's ``rollbackd_check_evaluations_total{service}``.
 """
 
 from __future__ import annotations
@@ -62,6 +69,7 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
+from support.postgres import Database, PostgresServer  # noqa: E402
 from support.prometheus import (  # noqa: E402
     PrometheusServer,
     ScrapeTarget,
@@ -197,8 +205,23 @@ interval = "{interval}s"
 """
 
 
+def store_section(database: Database | None, member: str, lease_time: float) -> str:
+    """``[store]`` for a daemon on PostgreSQL; nothing (SQLite) without a database."""
+    if database is None:
+        return ""
+    return (
+        f'\n[store]\nurl = "{database.url}"\npassword_file = "{database.password_file}"\n'
+        f'lease_time = "{lease_time:g}s"\nmember = "{member}"\n'
+    )
+
+
 def write_config(
-    directory: Path, services: list[str], prometheus_url: str, port: int, interval: float
+    directory: Path,
+    services: list[str],
+    prometheus_url: str,
+    port: int,
+    interval: float,
+    store: str = "",
 ) -> Path:
     rules = directory / "rules"
     rules.mkdir(parents=True)
@@ -220,7 +243,7 @@ timeout = "10s"
 [server]
 listen = "127.0.0.1:{port}"
 token_env = "{TOKEN_ENV}"
-"""
+{store}"""
     )
     return config
 
@@ -282,6 +305,7 @@ DAEMON_COUNTERS = {
     "rollbackd_check_evaluation_duration_seconds_count",
     "rollbackd_job_start_delay_seconds_sum",
     "rollbackd_job_start_delay_seconds_count",
+    "rollbackd_lease_takeovers_total",
 }
 
 
@@ -296,6 +320,8 @@ class Snapshot:
     prometheus_cpu: float
     metrics_bytes: int
     metrics_seconds: float
+    by_service: dict[str, float] = field(default_factory=dict)
+    """Evaluations per service (``rollbackd_check_evaluations_total``, every check)."""
 
 
 def cpu_seconds(pid: int) -> float:
@@ -309,6 +335,18 @@ def status_kib(pid: int, key: str) -> int:
         if line.startswith(key + ":"):
             return int(line.split()[1])
     return 0
+
+
+_EVALUATIONS = re.compile(
+    r'^rollbackd_check_evaluations_total\{[^}]*service="([^"]+)"[^}]*\}\s+(\S+)', re.M
+)
+
+
+def evaluations_by_service(text: str) -> dict[str, float]:
+    counts: dict[str, float] = {}
+    for match in _EVALUATIONS.finditer(text):
+        counts[match.group(1)] = counts.get(match.group(1), 0.0) + float(match.group(2))
+    return counts
 
 
 def snapshot(
@@ -334,10 +372,32 @@ def snapshot(
         prometheus_cpu=cpu_seconds(prom_pid) if prom_pid else 0.0,
         metrics_bytes=len(text),
         metrics_seconds=took,
+        by_service=evaluations_by_service(text),
     )
 
 
 # --- one run --------------------------------------------------------------------------------
+
+
+@dataclass
+class DaemonFigures:
+    """One daemon's share of a run (with several daemons on PostgreSQL)."""
+
+    member: str
+    leases_held: float
+    services_evaluated: int
+    evaluations_per_s: float
+    overruns: float
+    missed: float
+    queries_per_interval: float
+    cpu_percent: float
+    rss_peak_mib: float
+    eval_duration_mean_ms: float | None
+    loop_lag_p50_ms: float
+    loop_lag_max_ms: float
+    log_lines_per_s: float
+    takeovers: float
+    """Leases taken with a new epoch (``rollbackd_lease_takeovers_total``) in the window."""
 
 
 @dataclass
@@ -370,6 +430,27 @@ class Result:
     log_lines_per_s: float
     query_outcomes: dict[str, float] = field(default_factory=dict)
     profile: str | None = None
+    store: str = "sqlite"
+    daemons: int = 1
+    """With several: counters, queries and CPU are sums over the daemons; RSS, mean times
+    and lags are the largest daemon's."""
+    lease_time: float | None = None
+    services_judged_twice: int = 0
+    """Services evaluated by more than one daemon in the measured window."""
+    services_judged_by_none: int = 0
+    split_converged: bool | None = None
+    """With several daemons: whether the leases were split fairly before the warm-up."""
+    per_daemon: list[DaemonFigures] = field(default_factory=list)
+
+
+@dataclass
+class Running:
+    """A ``rollbackd run`` under test."""
+
+    member: str
+    process: subprocess.Popen[bytes]
+    url: str
+    log_path: Path
 
 
 def wait_for_data(prom: PrometheusServer, services: int, timeout: float) -> None:
@@ -400,7 +481,110 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def run_one(args: argparse.Namespace, n: int, workdir: Path) -> Result:
+def start_daemons(
+    args: argparse.Namespace,
+    names: list[str],
+    workdir: Path,
+    prom: PrometheusServer,
+    database: Database | None,
+    http: httpx.Client,
+    started: list[Running],
+) -> None:
+    """Start ``args.daemons`` daemons (all at once, as a fleet starts), appending each to
+    ``started`` (for the caller to stop whatever happens), and wait for their /metrics."""
+    env = {**os.environ, TOKEN_ENV: "bench-token-" + "x" * 24}
+    batching = {"on": True, "off": False, "default": None}[args.batching]
+    count = args.daemons if database is not None else 1
+    for k in range(count):
+        member = f"bench-{k}" if database is not None else "solo"
+        directory = workdir / ("daemon" if count == 1 else f"daemon-{k}")
+        port = free_port()
+        store = store_section(database, member, args.lease_time)
+        config = write_config(directory, names, prom.url, port, args.interval, store)
+        log_path = directory / "daemon.log"
+        with log_path.open("wb") as log:
+            process = subprocess.Popen(
+                [*daemon_command(batching), "-c", str(config)],
+                cwd=directory,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        started.append(Running(member, process, f"http://127.0.0.1:{port}", log_path))
+    deadline = time.monotonic() + 180
+    for daemon in started:
+        while True:
+            if daemon.process.poll() is not None:
+                raise RuntimeError(
+                    f"rollbackd {daemon.member} exited with {daemon.process.returncode}:\n"
+                    + daemon.log_path.read_text(errors="replace")[-3000:]
+                )
+            with contextlib.suppress(httpx.TransportError):
+                if http.get(f"{daemon.url}/metrics", timeout=5).status_code == 200:
+                    break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"rollbackd {daemon.member} did not serve /metrics in 180 s")
+            time.sleep(0.5)
+
+
+def await_split(
+    http: httpx.Client, daemons: list[Running], services: int, timeout: float
+) -> tuple[list[float], bool]:
+    """With several daemons: wait until their leases cover every service, each daemon
+    holding its fair share (give or take one); the leases each holds, and whether they
+    got there within ``timeout`` (if not, the run measures what it finds)."""
+    fair = services / len(daemons)
+    deadline = time.monotonic() + timeout
+    while True:
+        held = [
+            metric_sums(http.get(f"{d.url}/metrics", timeout=60).text, {"rollbackd_leases_held"})[
+                "rollbackd_leases_held"
+            ]
+            for d in daemons
+        ]
+        if sum(held) == services and all(abs(h - fair) <= 1 for h in held):
+            return held, True
+        if time.monotonic() > deadline:
+            return held, False
+        time.sleep(1.0)
+
+
+def start_profiler(args: argparse.Namespace, n: int, pid: int) -> tuple[Any, str | None]:
+    if not args.profile:
+        return None, None
+    out = Path(args.profile)
+    out.mkdir(parents=True, exist_ok=True)
+    suffix = "" if args.store == "sqlite" else f"-{args.store}"
+    profile_path = str(out / f"check_scale-{n}-{args.batching}{suffix}.txt")
+    spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    options = ["--rate", "50", "--format", "raw", "--output", profile_path, "--nonblocking"]
+    profiler = subprocess.Popen(
+        [spy, "record", "--pid", str(pid), "--duration", str(int(args.duration)), *options],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    return profiler, profile_path
+
+
+def measure_lag(http: httpx.Client, daemons: list[Running], seconds: float) -> list[list[float]]:
+    """``GET /healthz`` of every daemon once a second for ``seconds``: each one's latencies."""
+    lags: list[list[float]] = [[] for _ in daemons]
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        round_started = time.monotonic()
+        for k, daemon in enumerate(daemons):
+            started = time.monotonic()
+            try:
+                http.get(f"{daemon.url}/healthz", timeout=30)
+                lags[k].append(time.monotonic() - started)
+            except httpx.TransportError:
+                lags[k].append(30.0)
+        time.sleep(max(0.0, 1.0 - (time.monotonic() - round_started)))
+    return lags
+
+
+def run_one(args: argparse.Namespace, n: int, workdir: Path, pg: PostgresServer | None) -> Result:
     names = [f"svc-{i:05d}" for i in range(n)]
     exporter = Exporter(names)
     exporter.start()
@@ -410,155 +594,195 @@ def run_one(args: argparse.Namespace, n: int, workdir: Path) -> Result:
         scrape_interval=f"{args.scrape_interval:g}s",
         evaluation_interval="60s",
     )
-    daemon: subprocess.Popen[bytes] | None = None
+    daemons: list[Running] = []
     profiler: subprocess.Popen[bytes] | None = None
     http = httpx.Client()
     try:
         prom.start()
         prom.wait_ready(60)
         wait_for_data(prom, n, timeout=120)
-        port = free_port()
-        config = write_config(workdir / "daemon", names, prom.url, port, args.interval)
-        env = {**os.environ, TOKEN_ENV: "bench-token-" + "x" * 24}
-        log_path = workdir / "daemon" / "daemon.log"
-        batching = {"on": True, "off": False, "default": None}[args.batching]
-        with log_path.open("wb") as log:
-            daemon = subprocess.Popen(
-                [*daemon_command(batching), "-c", str(config)],
-                cwd=workdir / "daemon",
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 120
-        while True:
-            if daemon.poll() is not None:
-                raise RuntimeError(
-                    f"rollbackd exited with {daemon.returncode}:\n"
-                    + log_path.read_text(errors="replace")[-3000:]
-                )
-            with contextlib.suppress(httpx.TransportError):
-                if http.get(f"{url}/metrics", timeout=5).status_code == 200:
-                    break
-            if time.monotonic() > deadline:
-                raise RuntimeError("rollbackd did not serve /metrics within 120 s")
-            time.sleep(0.5)
-        print(f"  N={n}: daemon up (pid {daemon.pid}); warm-up {args.warmup:g}s", flush=True)
+        database = pg.create_database(f"bench_{n}") if pg is not None else None
+        start_daemons(args, names, workdir, prom, database, http, daemons)
+        pids = ", ".join(str(d.process.pid) for d in daemons)
+        print(f"  N={n}: {len(daemons)} daemon(s) up (pid {pids})", flush=True)
+        split_converged = None
+        if database is not None:
+            held, split_converged = await_split(http, daemons, n, args.split_timeout)
+            state = "split" if split_converged else f"NOT split fairly in {args.split_timeout:g}s"
+            print(f"  N={n}: leases {state}: {held}", flush=True)
+        print(f"  N={n}: warm-up {args.warmup:g}s", flush=True)
         time.sleep(args.warmup)
-        lines_before = _count_lines(log_path)
-        before = snapshot(http, url, daemon.pid, prom)
-        profile_path = None
-        if args.profile:
-            out = Path(args.profile)
-            out.mkdir(parents=True, exist_ok=True)
-            profile_path = str(out / f"check_scale-{n}-{args.batching}.txt")
-            profiler = subprocess.Popen(
-                [
-                    shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy"),
-                    "record",
-                    "--pid",
-                    str(daemon.pid),
-                    "--duration",
-                    str(int(args.duration)),
-                    "--rate",
-                    "50",
-                    "--format",
-                    "raw",
-                    "--output",
-                    profile_path,
-                    "--nonblocking",
-                ],
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )
+        lines_before = [_count_lines(d.log_path) for d in daemons]
+        before = [snapshot(http, d.url, d.process.pid, prom) for d in daemons]
+        profiler, profile_path = start_profiler(args, n, daemons[0].process.pid)
         print(f"  N={n}: measuring {args.duration:g}s", flush=True)
-        lags: list[float] = []
-        end = time.monotonic() + args.duration
-        while time.monotonic() < end:
-            started = time.monotonic()
-            try:
-                http.get(f"{url}/healthz", timeout=30)
-                lags.append(time.monotonic() - started)
-            except httpx.TransportError:
-                lags.append(30.0)
-            time.sleep(max(0.0, 1.0 - (time.monotonic() - started)))
-        after = snapshot(http, url, daemon.pid, prom)
-        lines_after = _count_lines(log_path)
+        lags = measure_lag(http, daemons, args.duration)
+        after = [snapshot(http, d.url, d.process.pid, prom) for d in daemons]
+        lines_after = [_count_lines(d.log_path) for d in daemons]
         if profiler is not None:
             profiler.wait(timeout=120)
-        outcomes = _query_outcomes(http.get(f"{url}/metrics", timeout=60).text)
-        rss_peak = status_kib(daemon.pid, "VmHWM") / 1024
-        rss_end = status_kib(daemon.pid, "VmRSS") / 1024
-        threads = status_kib(daemon.pid, "Threads")
-        elapsed = after.at - before.at
-        intervals = elapsed / args.interval
-        d = {k: after.daemon[k] - before.daemon[k] for k in DAEMON_COUNTERS}
-        checks = 3 * n
-        evals = d["rollbackd_check_evaluations_total"] / elapsed
-        expected = checks / args.interval
-        dur_count = d["rollbackd_check_evaluation_duration_seconds_count"]
-        delay_count = d["rollbackd_job_start_delay_seconds_count"]
-        dur_b = _delta(after.daemon_duration_buckets, before.daemon_duration_buckets)
-        delay_b = _delta(after.daemon_delay_buckets, before.daemon_delay_buckets)
-        return Result(
-            services=n,
-            checks=checks,
-            interval=args.interval,
-            duration=round(elapsed, 1),
-            batching=args.batching,
-            evaluations_per_s=round(evals, 1),
-            expected_per_s=round(expected, 1),
-            evaluations_ratio=round(evals / expected, 3),
-            overruns=d["rollbackd_check_overruns_total"],
-            missed=d["rollbackd_check_missed_total"],
-            daemon_queries_per_interval=round(
-                d["rollbackd_prometheus_queries_total"] / intervals, 1
-            ),
-            prometheus_queries_per_interval=round(
-                (after.prometheus_queries - before.prometheus_queries) / intervals, 1
-            ),
-            daemon_cpu_percent=round(100 * (after.daemon_cpu - before.daemon_cpu) / elapsed, 1),
-            prometheus_cpu_percent=round(
-                100 * (after.prometheus_cpu - before.prometheus_cpu) / elapsed, 1
-            ),
-            daemon_rss_peak_mib=round(rss_peak, 1),
-            daemon_rss_end_mib=round(rss_end, 1),
-            daemon_threads=threads,
-            eval_duration_mean_ms=round(
-                1000 * d["rollbackd_check_evaluation_duration_seconds_sum"] / dur_count, 1
-            )
-            if dur_count
-            else None,
-            eval_duration_p99_le_s=quantile(dur_b, 0.99),
-            start_delay_mean_ms=round(
-                1000 * d["rollbackd_job_start_delay_seconds_sum"] / delay_count, 1
-            )
-            if delay_count
-            else None,
-            start_delay_p99_le_s=quantile(delay_b, 0.99),
-            loop_lag_p50_ms=round(1000 * percentile(lags, 0.5), 1),
-            loop_lag_max_ms=round(1000 * max(lags, default=math.nan), 1),
-            metrics_scrape_s=round(after.metrics_seconds, 2),
-            metrics_mib=round(after.metrics_bytes / 2**20, 1),
-            log_lines_per_s=round((lines_after - lines_before) / elapsed, 1),
-            query_outcomes=outcomes,
-            profile=profile_path,
+        held_end = [
+            metric_sums(http.get(f"{d.url}/metrics", timeout=60).text, {"rollbackd_leases_held"})[
+                "rollbackd_leases_held"
+            ]
+            for d in daemons
+        ]
+        outcomes = _query_outcomes(http.get(f"{daemons[0].url}/metrics", timeout=60).text)
+        result = summarise(
+            args,
+            n,
+            daemons,
+            before,
+            after,
+            lags,
+            [b - a for a, b in zip(lines_before, lines_after, strict=True)],
+            held_end,
+            outcomes,
+            profile_path,
+            database is not None,
         )
+        result.split_converged = split_converged
+        return result
     finally:
         if profiler is not None and profiler.poll() is None:
             profiler.terminate()
-        if daemon is not None and daemon.poll() is None:
-            daemon.send_signal(signal.SIGTERM)
+        for daemon in daemons:
+            if daemon.process.poll() is None:
+                daemon.process.send_signal(signal.SIGTERM)
+        for daemon in daemons:
             try:
-                daemon.wait(timeout=60)
+                daemon.process.wait(timeout=60)
             except subprocess.TimeoutExpired:
-                daemon.kill()
-                daemon.wait()
+                daemon.process.kill()
+                daemon.process.wait()
         http.close()
         prom.close()
         exporter.stop()
+
+
+def summarise(
+    args: argparse.Namespace,
+    n: int,
+    daemons: list[Running],
+    before: list[Snapshot],
+    after: list[Snapshot],
+    lags: list[list[float]],
+    log_lines: list[int],
+    held: list[float],
+    outcomes: dict[str, float],
+    profile_path: str | None,
+    postgres: bool,
+) -> Result:
+    """Per-daemon figures and the totals; Prometheus' figures from the first and last
+    snapshot, which bracket every daemon's."""
+    elapsed = after[-1].at - before[0].at
+    intervals = elapsed / args.interval
+    per: list[DaemonFigures] = []
+    judged: dict[str, int] = {}
+    totals = dict.fromkeys(DAEMON_COUNTERS, 0.0)
+    cpu_total = 0.0
+    rss_peaks: list[float] = []
+    for k, daemon in enumerate(daemons):
+        own = after[k].at - before[k].at
+        d = {key: after[k].daemon[key] - before[k].daemon[key] for key in DAEMON_COUNTERS}
+        for key in DAEMON_COUNTERS:
+            totals[key] += d[key]
+        evaluated = [
+            s for s, v in after[k].by_service.items() if v > before[k].by_service.get(s, 0.0)
+        ]
+        for service in evaluated:
+            judged[service] = judged.get(service, 0) + 1
+        cpu = 100 * (after[k].daemon_cpu - before[k].daemon_cpu) / own
+        cpu_total += cpu
+        rss_peaks.append(status_kib(daemon.process.pid, "VmHWM") / 1024)
+        count = d["rollbackd_check_evaluation_duration_seconds_count"]
+        per.append(
+            DaemonFigures(
+                member=daemon.member,
+                leases_held=held[k],
+                services_evaluated=len(evaluated),
+                evaluations_per_s=round(d["rollbackd_check_evaluations_total"] / own, 1),
+                overruns=d["rollbackd_check_overruns_total"],
+                missed=d["rollbackd_check_missed_total"],
+                queries_per_interval=round(
+                    d["rollbackd_prometheus_queries_total"] / (own / args.interval), 1
+                ),
+                cpu_percent=round(cpu, 1),
+                rss_peak_mib=round(rss_peaks[-1], 1),
+                eval_duration_mean_ms=round(
+                    1000 * d["rollbackd_check_evaluation_duration_seconds_sum"] / count, 1
+                )
+                if count
+                else None,
+                loop_lag_p50_ms=round(1000 * percentile(lags[k], 0.5), 1),
+                loop_lag_max_ms=round(1000 * max(lags[k], default=math.nan), 1),
+                log_lines_per_s=round(log_lines[k] / own, 1),
+                takeovers=d["rollbackd_lease_takeovers_total"],
+            )
+        )
+    checks = 3 * n
+    evals = totals["rollbackd_check_evaluations_total"] / elapsed
+    expected = checks / args.interval
+    dur_count = totals["rollbackd_check_evaluation_duration_seconds_count"]
+    delay_count = totals["rollbackd_job_start_delay_seconds_count"]
+    dur_b: dict[float, float] = {}
+    delay_b: dict[float, float] = {}
+    for b, a in zip(before, after, strict=True):
+        for le, v in _delta(a.daemon_duration_buckets, b.daemon_duration_buckets).items():
+            dur_b[le] = dur_b.get(le, 0.0) + v
+        for le, v in _delta(a.daemon_delay_buckets, b.daemon_delay_buckets).items():
+            delay_b[le] = delay_b.get(le, 0.0) + v
+    first = daemons[0].process.pid
+    return Result(
+        services=n,
+        checks=checks,
+        interval=args.interval,
+        duration=round(elapsed, 1),
+        batching=args.batching,
+        evaluations_per_s=round(evals, 1),
+        expected_per_s=round(expected, 1),
+        evaluations_ratio=round(evals / expected, 3),
+        overruns=totals["rollbackd_check_overruns_total"],
+        missed=totals["rollbackd_check_missed_total"],
+        daemon_queries_per_interval=round(
+            totals["rollbackd_prometheus_queries_total"] / intervals, 1
+        ),
+        prometheus_queries_per_interval=round(
+            (after[-1].prometheus_queries - before[0].prometheus_queries) / intervals, 1
+        ),
+        daemon_cpu_percent=round(cpu_total, 1),
+        prometheus_cpu_percent=round(
+            100 * (after[-1].prometheus_cpu - before[0].prometheus_cpu) / elapsed, 1
+        ),
+        daemon_rss_peak_mib=round(max(rss_peaks), 1),
+        daemon_rss_end_mib=round(status_kib(first, "VmRSS") / 1024, 1),
+        daemon_threads=status_kib(first, "Threads"),
+        eval_duration_mean_ms=round(
+            1000 * totals["rollbackd_check_evaluation_duration_seconds_sum"] / dur_count, 1
+        )
+        if dur_count
+        else None,
+        eval_duration_p99_le_s=quantile(dur_b, 0.99),
+        start_delay_mean_ms=round(
+            1000 * totals["rollbackd_job_start_delay_seconds_sum"] / delay_count, 1
+        )
+        if delay_count
+        else None,
+        start_delay_p99_le_s=quantile(delay_b, 0.99),
+        loop_lag_p50_ms=max(f.loop_lag_p50_ms for f in per),
+        loop_lag_max_ms=max(f.loop_lag_max_ms for f in per),
+        metrics_scrape_s=round(max(a.metrics_seconds for a in after), 2),
+        metrics_mib=round(max(a.metrics_bytes for a in after) / 2**20, 1),
+        log_lines_per_s=round(sum(log_lines) / elapsed, 1),
+        query_outcomes=outcomes,
+        profile=profile_path,
+        store="postgres" if postgres else "sqlite",
+        daemons=len(daemons),
+        lease_time=args.lease_time if postgres else None,
+        services_judged_twice=sum(1 for c in judged.values() if c > 1),
+        services_judged_by_none=n - len(judged),
+        per_daemon=per,
+    )
 
 
 def _delta(after: dict[float, float], before: dict[float, float]) -> dict[float, float]:
@@ -608,6 +832,8 @@ def machine() -> dict[str, Any]:
 COLUMNS = (
     ("services", "N"),
     ("checks", "checks"),
+    ("store", "store"),
+    ("daemons", "daemons"),
     ("batching", "batch"),
     ("evaluations_per_s", "eval/s"),
     ("expected_per_s", "expect/s"),
@@ -621,27 +847,50 @@ COLUMNS = (
     ("eval_duration_mean_ms", "eval ms"),
     ("start_delay_mean_ms", "delay ms"),
     ("loop_lag_max_ms", "lag max ms"),
+    ("services_judged_twice", "twice"),
+    ("services_judged_by_none", "none"),
 )
+PER_DAEMON = (
+    ("member", "member"),
+    ("leases_held", "leases"),
+    ("services_evaluated", "evaluated"),
+    ("evaluations_per_s", "eval/s"),
+    ("overruns", "overrun"),
+    ("missed", "missed"),
+    ("queries_per_interval", "q/int"),
+    ("cpu_percent", "cpu%"),
+    ("rss_peak_mib", "rss MiB"),
+    ("eval_duration_mean_ms", "eval ms"),
+    ("loop_lag_max_ms", "lag max ms"),
+    ("takeovers", "takeovers"),
+)
+
+
+def _cell(value: object) -> str:
+    if value is None:
+        return "-"
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _aligned(rows: list[list[str]]) -> str:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join(
+        "  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)) for row in rows
+    )
 
 
 def table(results: list[Result]) -> str:
     rows = [[label for _, label in COLUMNS]]
     for r in results:
         values = asdict(r)
-        rows.append(
-            [
-                "-"
-                if values[key] is None
-                else f"{values[key]:g}"
-                if isinstance(values[key], float)
-                else str(values[key])
-                for key, _ in COLUMNS
-            ]
-        )
-    widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS))]
-    return "\n".join(
-        "  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)) for row in rows
-    )
+        rows.append([_cell(values[key]) for key, _ in COLUMNS])
+    text = _aligned(rows)
+    for r in results:
+        if r.daemons > 1:
+            per = [[label for _, label in PER_DAEMON]]
+            per.extend([_cell(getattr(f, key)) for key, _ in PER_DAEMON] for f in r.per_daemon)
+            text += f"\n\nN={r.services}, per daemon:\n" + _aligned(per)
+    return text
 
 
 @contextlib.contextmanager
@@ -672,7 +921,23 @@ def main() -> int:
         help="query batching: the engine's default, or forced on/off for this run",
     )
     parser.add_argument("--no-batching", dest="batching", action="store_const", const="off")
-    parser.add_argument("--profile", metavar="DIR", help="py-spy the daemon into DIR")
+    parser.add_argument(
+        "--store",
+        choices=["sqlite", "postgres"],
+        default="sqlite",
+        help="postgres: a real PostgreSQL and --daemons daemons sharing it",
+    )
+    parser.add_argument("--daemons", type=int, default=3, help="with --store postgres")
+    parser.add_argument(
+        "--lease-time", type=float, default=10.0, help="seconds, with --store postgres"
+    )
+    parser.add_argument(
+        "--split-timeout",
+        type=float,
+        default=180.0,
+        help="seconds to wait for a fair lease split before measuring anyway",
+    )
+    parser.add_argument("--profile", metavar="DIR", help="py-spy the (first) daemon into DIR")
     parser.add_argument("--keep", metavar="DIR", help="work in DIR and keep it")
     parser.add_argument("--json-out", metavar="FILE", help="append the JSON lines to FILE")
     args = parser.parse_args()
@@ -680,16 +945,31 @@ def main() -> int:
     info = machine()
     print("machine:", json.dumps(info), flush=True)
     results: list[Result] = []
-    with workspace(args.keep) as root:
+    with workspace(args.keep) as root, contextlib.ExitStack() as stack:
+        pg = stack.enter_context(PostgresServer()) if args.store == "postgres" else None
         for n in args.services:
-            workdir = root / f"n{n}-{args.batching}"
+            workdir = root / f"n{n}-{args.batching}-{args.store}"
             if workdir.exists():
                 shutil.rmtree(workdir)
             workdir.mkdir(parents=True)
-            print(f"N={n} services ({3 * n} checks), batching {args.batching}", flush=True)
-            result = run_one(args, n, workdir)
+            print(
+                f"N={n} services ({3 * n} checks), batching {args.batching}, {args.store}",
+                flush=True,
+            )
+            load_start = os.getloadavg()
+            result = run_one(args, n, workdir, pg)
+            load_end = os.getloadavg()
             results.append(result)
-            line = json.dumps({"bench": "check_scale", "machine": info, **asdict(result)})
+            print(f"  load average (1, 5, 15 min): at start {load_start}, at end {load_end}")
+            line = json.dumps(
+                {
+                    "bench": "check_scale",
+                    "machine": info,
+                    "loadavg_start": load_start,
+                    "loadavg_end": load_end,
+                    **asdict(result),
+                }
+            )
             print(line, flush=True)
             if args.json_out:
                 with Path(args.json_out).open("a") as out:

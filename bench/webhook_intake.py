@@ -31,6 +31,12 @@ Run from the repository root::
     .venv/bin/python bench/webhook_intake.py
     .venv/bin/python bench/webhook_intake.py --rates 1000 --duration 20 --profile bench/out
 
+``--store postgres`` starts a real PostgreSQL (``tests/support/postgres.py``) and runs the
+daemon on it (``[store]``; one daemon, which holds every lease): the counts then come from
+its ``alerts`` table over psycopg.
+
+    .venv/bin/python bench/webhook_intake.py --store postgres
+
 ``--profile DIR`` runs ``py-spy record`` (``pip install py-spy`` into the virtualenv; needs
 ptrace rights) on the daemon during the last rate and writes a flame graph and a raw
 collapsed-stack file there.
@@ -56,6 +62,12 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psycopg
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+
+from support.postgres import Database, PostgresServer  # noqa: E402
 
 TOKEN = "bench-webhook-token-0123456789"
 TOKEN_ENV = "ROLLBACKD_BENCH_TOKEN"
@@ -88,7 +100,17 @@ matchers = ['service="{name}"']
 """
 
 
-def write_config(directory: Path) -> Path:
+def store_section(database: Database | None) -> str:
+    """``[store]`` on PostgreSQL; nothing (SQLite under state_dir) without a database."""
+    if database is None:
+        return ""
+    return (
+        f'\n[store]\nurl = "{database.url}"\npassword_file = "{database.password_file}"\n'
+        'member = "bench-intake"\n'
+    )
+
+
+def write_config(directory: Path, database: Database | None = None) -> Path:
     (directory / "rules").mkdir(parents=True, exist_ok=True)
     for name in SERVICES:
         (directory / "rules" / f"{name}.toml").write_text(rule_file(name))
@@ -108,7 +130,7 @@ timeout = "2s"
 [server]
 listen = "127.0.0.1:0"
 token_env = "{TOKEN_ENV}"
-"""
+{store_section(database)}"""
     )
     return config
 
@@ -123,8 +145,9 @@ def poll(ready: Any, *, timeout: float, what: str, interval: float = 0.05) -> No
 
 
 class Daemon:
-    def __init__(self, config: Path) -> None:
+    def __init__(self, config: Path, database: Database | None = None) -> None:
         self.config = config
+        self.database = database
         self.state_dir = config.parent / "state"
         self.db = self.state_dir / "state.db"
         self.log = config.parent / "daemon.log"
@@ -181,6 +204,10 @@ class Daemon:
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def rows(self, sql: str, *params: object) -> list[tuple[Any, ...]]:
+        """``sql`` with ``?`` placeholders, on the daemon's store (read only on SQLite)."""
+        if self.database is not None:
+            with psycopg.connect(self.database.url, password=self.database.password) as pg:
+                return [tuple(row) for row in pg.execute(sql.replace("?", "%s"), params)]
         with contextlib.closing(
             sqlite3.connect(f"file:{self.db}?mode=ro", uri=True, timeout=10)
         ) as conn:
@@ -479,10 +506,25 @@ def main() -> int:
     parser.add_argument("--profile", type=Path, help="py-spy the daemon during the last rate")
     parser.add_argument("--json-out", type=Path)
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
+    parser.add_argument("--store", choices=["sqlite", "postgres"], default="sqlite")
     args = parser.parse_args()
 
     directory = Path(tempfile.mkdtemp(prefix="rollbackd-webhook-"))
-    daemon = Daemon(write_config(directory))
+    load_start = os.getloadavg()
+    with contextlib.ExitStack() as stack:
+        database = None
+        if args.store == "postgres":
+            database = stack.enter_context(PostgresServer()).create_database("intake")
+        daemon = Daemon(write_config(directory, database), database)
+        results = run(args, daemon, directory)
+    load_end = os.getloadavg()
+    print(f"load average (1, 5, 15 min): at start {load_start}, at end {load_end}")
+    loads = {"store": args.store, "loadavg_start": load_start, "loadavg_end": load_end}
+    report(args, results, loads)
+    return 0
+
+
+def run(args: argparse.Namespace, daemon: Daemon, directory: Path) -> list[Step]:
     results: list[Step] = []
     try:
         daemon.start()
@@ -493,7 +535,10 @@ def main() -> int:
         daemon.stop()
         if not args.keep:
             shutil.rmtree(directory, ignore_errors=True)
+    return results
 
+
+def report(args: argparse.Namespace, results: list[Step], extra: dict[str, Any]) -> None:
     met = [r.target for r in results if r.meets]
     sustained = max(met) if met else 0
     summary = {
@@ -504,6 +549,7 @@ def main() -> int:
         "sustained_alerts_per_s": sustained,
         "target_met": sustained >= TARGET_RATE,
         "steps": [asdict(r) for r in results],
+        **extra,
     }
     print(
         f"sustained: {sustained} alerts/s meets p99 < {TARGET_P99_MS:.0f} ms, 0 lost, 0 dup; "
@@ -514,7 +560,6 @@ def main() -> int:
     if args.json_out:
         with args.json_out.open("a") as out:
             out.write(line + "\n")
-    return 0
 
 
 if __name__ == "__main__":
