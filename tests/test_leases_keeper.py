@@ -506,3 +506,26 @@ async def test_the_runner_evaluates_only_the_held_members_of_a_batch_in_one_quer
         assert queries() == len(batch.queries), "no query for a batch held by another daemon"
     finally:
         engine.store.close()
+
+
+async def test_the_services_taken_are_announced_before_the_keeper_acts_on_them(
+    stores: Callable[[], PostgresStore],
+) -> None:
+    """``on_acquired`` hears of each newly taken service once, while the keeper does not
+    act on it yet (the daemon re-reads what another holder recorded first); a renewal is
+    not announced."""
+    keepers = Keepers(stores, 30.0)
+    try:
+        keeper = keepers.add("a")
+        heard: list[tuple[list[str], bool]] = []
+
+        def taken(services: list[str]) -> None:
+            heard.append((services, any(keeper.may_act(s) for s in services)))
+
+        keeper.on_acquired = taken
+        await keeper.tick()
+        await keeper.tick()  # renewals only
+        assert heard == [(sorted(SERVICES), False)]
+        assert set(keeper.held()) == set(SERVICES)
+    finally:
+        keepers.close()

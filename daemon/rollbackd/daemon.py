@@ -87,7 +87,7 @@ class Daemon:
             # Thousands of evaluations must not each wait on a database round trip for the
             # current version; a service taken over is read again.
             self.engine.versions.keep_current_in_memory()
-            self.keeper.on_acquired = self.engine.versions.forget
+            self.keeper.on_acquired = self.engine.take_over
         self.pipeline = Pipeline(self.engine, tenancy=self.tenancy)
         # The one place evaluation meets decision: what fires goes to the pipeline, and
         # only for the services this daemon may act on (all of them, alone on SQLite).

@@ -10,7 +10,7 @@ that its firing is handed over once more.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import replace
 
 from rollbackd.config.loader import LoadedConfig
@@ -74,6 +74,29 @@ class CheckStateKeeper:
             states[key] = state
             self._saved[key] = encode(state)
             self._restored_firing.update((*key, labels) for labels in state.firing_series())
+        return states
+
+    def restore_services(
+        self, loaded: LoadedConfig, services: Collection[str]
+    ) -> dict[Key, CheckState]:
+        """The states the services' previous holder saved, for a daemon taking them over:
+        each series restored firing is handed over again at its first breaching evaluation,
+        as after a restart. Unreadable rows are left for their holder (this one now) to
+        overwrite."""
+        wanted = {key for key in configured(loaded) if key[0] in services}
+        states: dict[Key, CheckState] = {}
+        for key, row in self.store.check_states().items():
+            if key not in wanted:
+                continue
+            try:
+                state = decode(row.state)
+            except StateFormatError:
+                continue
+            states[key] = state
+            self._saved[key] = encode(state)
+            self._restored_firing.update((*key, labels) for labels in state.firing_series())
+        for key in wanted - states.keys():
+            self._saved.pop(key, None)
         return states
 
     def keep_only(self, wanted: set[Key]) -> None:

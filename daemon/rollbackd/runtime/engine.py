@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
@@ -122,6 +122,19 @@ class Engine:
 
     def canary_active(self, service: str) -> bool:
         return self.watch.canary_active(service)
+
+    def take_over(self, services: Collection[str]) -> None:
+        """Services this daemon just took from another: judge on from the check states
+        and the version their previous holder recorded, not from what this daemon
+        remembered of them (from its start, or from when it held them before)."""
+        for name in services:
+            self.versions.forget(name)
+        restored = self.keeper.restore_services(self.loaded, services)
+        for key in [k for k in self.states if k[0] in services]:
+            del self.states[key]
+            self.transitions.blind.discard(key)
+        self.states.update(restored)
+        self.transitions.blind.update(k for k, state in restored.items() if state.blind)
 
     def check_state(self, service: str, check: str) -> CheckState:
         return self.states.get((service, check)) or CheckState(series={})

@@ -135,9 +135,10 @@ class LeaseKeeper:
         self._clock = clock
         self._metrics = metrics
         self._held: dict[str, _Held] = {}
-        self.on_acquired: Callable[[str], None] | None = None
-        """Called with each service whose lease this daemon takes (not renews): what it
-        kept in memory about the service may be stale, as another daemon held it."""
+        self.on_acquired: Callable[[list[str]], None] | None = None
+        """Called with the services whose leases this daemon just took (not renewed),
+        before it acts on them: what it kept in memory about them may be stale, as another
+        daemon held them."""
         self._failing = False
         self._taken = False
         """Another process runs as this member: nothing is held until it is gone."""
@@ -252,6 +253,7 @@ class LeaseKeeper:
         ttl = self.lease_time
         sent = self._clock()
         won = await self._call(self.store.acquire_many, services, self.member, ttl)
+        taken: list[tuple[Lease, float]] = []
         for lease in won:
             taken_at = sent
             if _inherited(lease, ttl):
@@ -264,9 +266,12 @@ class LeaseKeeper:
                 if again is None:
                     continue
                 lease = again
+            taken.append((lease, taken_at))
+        if taken and self.on_acquired is not None:
+            # Before acting on any of them: nothing awaits between this and _keep.
+            self.on_acquired([lease.service for lease, _ in taken])
+        for lease, taken_at in taken:
             self._keep(lease, taken_at)
-            if self.on_acquired is not None:
-                self.on_acquired(lease.service)
             log.info("lease acquired", service=lease.service, epoch=lease.epoch, member=self.member)
             if lease.epoch > 1 and self._metrics is not None:
                 self._metrics.lease_takeovers.inc()
