@@ -84,15 +84,8 @@ class CheckStateKeeper:
         as after a restart. Unreadable rows are left for their holder (this one now) to
         overwrite."""
         wanted = {key for key in configured(loaded) if key[0] in services}
-        states: dict[Key, CheckState] = {}
-        for key, row in self.store.check_states().items():
-            if key not in wanted:
-                continue
-            try:
-                state = decode(row.state)
-            except StateFormatError:
-                continue
-            states[key] = state
+        states = {k: v for k, v in stored_states(self.store, services).items() if k in wanted}
+        for key, state in states.items():
             self._saved[key] = encode(state)
             self._restored_firing.update((*key, labels) for labels in state.firing_series())
         for key in wanted - states.keys():
@@ -175,3 +168,17 @@ class CheckStateKeeper:
 
 
 __all__ = ["CheckStateKeeper", "Key", "configured"]
+
+
+def stored_states(store: StateStore, services: Collection[str]) -> dict[Key, CheckState]:
+    """The saved check states of ``services``, read in one pass; an unreadable row is left
+    out (its holder logs it and starts that check over)."""
+    states: dict[Key, CheckState] = {}
+    for key, row in store.check_states().items():
+        if key[0] not in services:
+            continue
+        try:
+            states[key] = decode(row.state)
+        except StateFormatError:
+            continue
+    return states

@@ -17,9 +17,8 @@ done here.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
-from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -271,26 +270,41 @@ class Control:
     async def approve(self, rollback_id: int, who: str) -> Rollback:
         """Raises LookupError for an unknown rollback, ConflictError for one not pending
         (or whose holder could not be asked)."""
-        try:
-            with _fenced_is_conflict(handing_off=self._asker is not None):
-                return await self._pipeline.approve(rollback_id, who)
-        except _HandOff:
-            pass
-        service = await self._service_of_rollback(rollback_id)
-        answer = await self._ask(service, HandoffKind.APPROVE, desk.approve_body(rollback_id, who))
-        return await self._answered_rollback(answer)
+        done = await self._decided_here(self._pipeline.approve(rollback_id, who))
+        if done is not None:
+            return done
+        body = desk.approve_body(rollback_id, who)
+        return await self._decided_by_holder(rollback_id, HandoffKind.APPROVE, body)
 
     async def reject(self, rollback_id: int, who: str, reason: str) -> Rollback:
         """Raises LookupError for an unknown rollback, ConflictError for one not pending
         (or whose holder could not be asked)."""
-        try:
-            with _fenced_is_conflict(handing_off=self._asker is not None):
-                return await self._pipeline.reject(rollback_id, who, reason)
-        except _HandOff:
-            pass
-        service = await self._service_of_rollback(rollback_id)
+        done = await self._decided_here(self._pipeline.reject(rollback_id, who, reason))
+        if done is not None:
+            return done
         body = desk.reject_body(rollback_id, who, reason)
-        return await self._answered_rollback(await self._ask(service, HandoffKind.REJECT, body))
+        return await self._decided_by_holder(rollback_id, HandoffKind.REJECT, body)
+
+    async def _decided_here(self, decision: Awaitable[Rollback]) -> Rollback | None:
+        """A person's decision as this daemon's pipeline made it; None when another daemon
+        holds the service (or took it over just now) and can be asked. Without a way to
+        ask, that is a refusal (409, with why), never a failure of the store (503)."""
+        try:
+            return await decision
+        except NotHolder as exc:
+            if self._asker is None:
+                raise ConflictError(f"{exc}: ask the daemon that holds it") from exc
+        except FencedError as exc:
+            if self._asker is None:
+                raise ConflictError(f"not decided here: {exc}") from exc
+        return None
+
+    async def _decided_by_holder(
+        self, rollback_id: int, kind: HandoffKind, body: Mapping[str, JSONValue]
+    ) -> Rollback:
+        service = (await self._rollback_named(rollback_id)).service
+        answer = await self._ask(service, kind, body)
+        return await self._rollback_named(desk.answered_rollback_id(answer))
 
     async def _ask(
         self, service: str, kind: HandoffKind, body: Mapping[str, JSONValue]
@@ -299,14 +313,7 @@ class Control:
         draft = HandoffDraft(service, kind, body, self._asker.member)
         return await self._asker.ask(draft)
 
-    async def _service_of_rollback(self, rollback_id: int) -> str:
-        found = await asyncio.to_thread(self._store.rollback, rollback_id)
-        if found is None:
-            raise LookupError(f"no rollback {rollback_id}")
-        return found.service
-
-    async def _answered_rollback(self, answer: desk.Answer) -> Rollback:
-        rollback_id = desk.answered_rollback_id(answer)
+    async def _rollback_named(self, rollback_id: int) -> Rollback:
         found = await asyncio.to_thread(self._store.rollback, rollback_id)
         if found is None:
             raise LookupError(f"no rollback {rollback_id}")
@@ -372,22 +379,3 @@ class Control:
 
 def _service_of(scope: str) -> str | None:
     return None if scope == "*" else scope
-
-
-class _HandOff(Exception):
-    """Another daemon holds the service: the request is to be handed to it."""
-
-
-@contextlib.contextmanager
-def _fenced_is_conflict(*, handing_off: bool) -> Iterator[None]:
-    """A decision about a service another daemon holds (or took over just now) is handed
-    to it when ``handing_off`` (raises _HandOff), else refused (409, with why) — never a
-    failure of the store (503)."""
-    try:
-        yield
-    except (NotHolder, FencedError) as exc:
-        if handing_off:
-            raise _HandOff from exc
-        if isinstance(exc, NotHolder):
-            raise ConflictError(f"{exc}: ask the daemon that holds it") from exc
-        raise ConflictError(f"not decided here: {exc}") from exc

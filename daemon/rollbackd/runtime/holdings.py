@@ -16,10 +16,9 @@ from dataclasses import dataclass, field
 
 from rollbackd.core.check_state import CheckState
 from rollbackd.core.model import Lease
-from rollbackd.runtime.check_state_keeper import Key
+from rollbackd.runtime.check_state_keeper import Key, stored_states
 from rollbackd.runtime.leases import LeaseKeeper
 from rollbackd.runtime.tenancy import Tenancy
-from rollbackd.store.check_state_codec import StateFormatError, decode
 from rollbackd.store.interfaces import StateStore
 
 
@@ -56,15 +55,7 @@ async def read_holdings(store: StateStore, tenancy: Tenancy, names: Sequence[str
 
 def _read(store: StateStore, member: str, elsewhere: frozenset[str]) -> Holdings:
     leases = {lease.service: lease for lease in store.live_leases()}
-    checks: dict[Key, CheckState] = {}
-    if elsewhere:
-        for key, row in store.check_states().items():
-            if key[0] not in elsewhere:
-                continue
-            try:
-                checks[key] = decode(row.state)
-            except StateFormatError:
-                continue  # unreadable: its holder logs it and starts the check over
+    checks = stored_states(store, elsewhere) if elsewhere else {}
     return Holdings(member, leases, elsewhere, checks)
 
 

@@ -54,7 +54,7 @@ class NotAnswered(StoreError):
     """No holder answered a handed-off request in time (the API's 503, with why)."""
 
 
-class Holdings(Protocol):
+class Holder(Protocol):
     """Who this daemon is among those sharing the store, and what it holds now."""
 
     @property
@@ -165,14 +165,14 @@ class Relay:
     def __init__(
         self,
         store: StateStore,
-        holdings: Holdings,
+        holder: Holder,
         desk: HandoffDesk,
         hand_over_alerts: Callable[[Sequence[str]], Awaitable[int]],
         wakeups: Wakeups,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._store = store
-        self._holdings = holdings
+        self._holder = holder
         self._desk = desk
         self._hand_over_alerts = hand_over_alerts
         self._wakeups = wakeups
@@ -189,7 +189,7 @@ class Relay:
     async def look(self) -> None:
         """One round: the held services' waiting alerts, then their handed-off requests.
         A store failure is logged once; the next round tries again."""
-        services = sorted(self._holdings.held())
+        services = sorted(self._holder.held())
         if not services:
             return
         try:
@@ -206,7 +206,7 @@ class Relay:
 
     async def _answer_requests(self, services: list[str]) -> None:
         writer = writer_for(self._store)
-        member = self._holdings.member
+        member = self._holder.member
         taken = await writer.take_handoffs(member, services, self._clock())
         for handoff in taken:
             answer: Mapping[str, JSONValue] = await self._desk.answer(handoff)
