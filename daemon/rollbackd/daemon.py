@@ -107,7 +107,8 @@ class Daemon:
         self.systemd = SystemdNotifier()
         self.api: ApiServer | None = None
         self._stop = asyncio.Event()
-        self._keeper_stop = asyncio.Event()
+        self._background_stop = asyncio.Event()
+        """Ends the lease keeper's and the relay's loops (at shutdown)."""
         self._keeper_task: asyncio.Task[None] | None = None
         self._relay_task: asyncio.Task[None] | None = None
         self._listening: Listening | None = None
@@ -156,12 +157,12 @@ class Daemon:
             return
         self.wakeups.bind(asyncio.get_running_loop())
         self._listening = self.store.listen(self.wakeups.wake)
-        self._relay_task = asyncio.ensure_future(relay.run(self._keeper_stop))
+        self._relay_task = asyncio.ensure_future(relay.run(self._background_stop))
 
     async def _stop_relay(self) -> None:
         task = self._relay_task
         if task is not None:
-            self._keeper_stop.set()
+            self._background_stop.set()
             with contextlib.suppress(asyncio.CancelledError, TimeoutError):
                 await asyncio.wait_for(task, timeout=10.0)
         if self._listening is not None:
@@ -175,7 +176,7 @@ class Daemon:
             return
         await keeper.start()  # MemberTakenError: another daemon runs as this member
         log.info("leases", member=keeper.member, held=len(keeper.held()))
-        self._keeper_task = asyncio.ensure_future(keeper.run(self._keeper_stop))
+        self._keeper_task = asyncio.ensure_future(keeper.run(self._background_stop))
 
     async def _stop_leases(self) -> None:
         """Give the leases back (a clean stop hands over at once). Bounded: with the
@@ -183,7 +184,7 @@ class Daemon:
         keeper, task = self.keeper, self._keeper_task
         if keeper is None or task is None:
             return
-        self._keeper_stop.set()
+        self._background_stop.set()
         try:
             await asyncio.wait_for(task, timeout=keeper.lease_time)
         except TimeoutError:
