@@ -74,7 +74,9 @@ def executor(log: Path, service: str, *, target: bool) -> str:
     return f'[[rollback]]\ntype = "command"\nargv = {json.dumps(argv)}\ntimeout = "20s"\n'
 
 
-def poll_rules(name: str, log: Path, window: str, min_rate: float) -> str:
+def poll_rules(
+    name: str, log: Path, window: str, min_rate: float, compare_baseline: str | None
+) -> str:
     return f"""
 [service]
 name = "{name}"
@@ -89,7 +91,23 @@ rollback_window = "1h"
 window = "1s"
 version_timeout = "5s"
 
-[[check]]
+{check_rule(name, window, min_rate, compare_baseline)}"""
+
+
+def check_rule(name: str, window: str, min_rate: float, compare_baseline: str | None) -> str:
+    """The polling path's check: the threshold ``error_rate`` one, or with
+    ``--compare-baseline`` a ``compare`` check against that window before the release."""
+    if compare_baseline is not None:
+        return f"""[[check]]
+name = "errors-vs-baseline"
+type = "compare"
+selector = 'service="{name}"'
+errors = 'code=~"5.."'
+baseline_window = "{compare_baseline}"
+interval = "1s"
+min_rate = {min_rate}
+"""
+    return f"""[[check]]
 name = "error-rate"
 type = "error_rate"
 selector = 'service="{name}"'
@@ -177,13 +195,22 @@ def main() -> int:
     parser.add_argument(
         "--min-rate", type=float, default=0.0, help="the polling check's min_rate (req/s)"
     )
+    parser.add_argument(
+        "--compare-baseline",
+        metavar="WINDOW",
+        help="judge the polling path with a compare check (defaults: worse_by 20%%, "
+        "confidence 0.99) against this baseline window (at most --warmup), not error_rate",
+    )
+    parser.add_argument(
+        "--good-error-ratio", type=float, default=GOOD_ERROR_RATIO, help="1.0.0's error ratio"
+    )
     parser.add_argument("--keep", action="store_true", help="keep the working directory")
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="rollbackd-ttr-"))
     log = work / "executors.log"
     services = {
-        (path, i): FakeService(f"{path}-{i}", "1.0.0", error_ratio=GOOD_ERROR_RATIO, rps=RPS)
+        (path, i): FakeService(f"{path}-{i}", "1.0.0", error_ratio=args.good_error_ratio, rps=RPS)
         for i in range(args.runs)
         for path in PATHS
     }
@@ -227,7 +254,7 @@ def main() -> int:
             polling_dir,
             prometheus.url,
             {
-                n: poll_rules(n, log, args.window, args.min_rate)
+                n: poll_rules(n, log, args.window, args.min_rate, args.compare_baseline)
                 for (p, _), n in names.items()
                 if p == "poll"
             },
@@ -392,7 +419,12 @@ def main() -> int:
                 "bench": "time_to_rollback",
                 "runs": args.runs,
                 "warmup_s": args.warmup,
-                "check": {"window": args.window, "min_rate": args.min_rate},
+                "check": {
+                    "window": args.window,
+                    "min_rate": args.min_rate,
+                    "compare_baseline": args.compare_baseline,
+                    "good_error_ratio": args.good_error_ratio,
+                },
                 "t0_to_executor_s": {
                     p: [None if v is None else round(v, 3) for v in results[p]] for p in PATHS
                 },

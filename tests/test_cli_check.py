@@ -22,7 +22,7 @@ def rollbackd(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
 def test_example_config_is_valid_and_detection_times_are_printed() -> None:
     result = rollbackd("check", "-c", "config.example.toml")
     assert result.returncode == 0, result.stderr
-    assert "OK: 5 service(s)" in result.stdout
+    assert "OK: 6 service(s)" in result.stdout
     assert "error-rate  error_rate  worst-case detection 2m15s (interval 15s + for 1m + " in (
         result.stdout
     )

@@ -64,8 +64,15 @@ def test_eval_json_and_no_data_in_words(example_config: Path) -> None:
     result = rollbackd("eval", "-c", str(example_config), "--at", str(dataset.EVAL_TIME), "--json")
     assert result.returncode == 0, result.stderr
     passes = {p["service"]: p for p in json.loads(result.stdout)}
-    assert set(passes) == {"checkout", "payments", "inventory", "billing", "search"}
+    assert set(passes) == {"checkout", "payments", "inventory", "billing", "search", "orders"}
     assert passes["payments"]["canary"] is True
+    # A compare check: eval finds when 4.2.0 went live in version_query's history.
+    orders = {c["check"]: c for c in passes["orders"]["checks"]}
+    errors = orders["errors-vs-baseline"]
+    assert (errors["verdict"], errors["evidence"]["decision"]) == ("breach", "worse")
+    assert errors["evidence"]["test"] == "history"
+    assert errors["reason"].startswith("error ratio 3.00% vs 1.00% baseline")
+    assert orders["slow-vs-baseline"]["verdict"] == "ok"
     # No history on a fresh start: the stable track is the other version running.
     payments = {c["check"]: c for c in passes["payments"]["checks"]}
     assert payments["error-rate"]["baseline"]["source"] == "stable track, version 1.4.0"

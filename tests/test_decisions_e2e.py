@@ -12,7 +12,6 @@ is what the service did once rolled back (restored, or still bad).
 
 from __future__ import annotations
 
-import asyncio
 import json
 import sys
 from collections.abc import Iterator
@@ -20,18 +19,11 @@ from pathlib import Path
 
 import pytest
 
-from rollbackd.config.loader import load
 from rollbackd.core.model import RollbackState
-from rollbackd.prometheus import PrometheusClient
-from rollbackd.runtime.engine import Engine
-from rollbackd.runtime.pipeline import Pipeline
-from rollbackd.runtime.runner import Runner
-from rollbackd.runtime.verify import Verifier
 from rollbackd.store.errors import ConflictError
-from rollbackd.store.sqlite import Store
-from support.configs import write_config
 from support.daemon_process import set_mode
 from support.prometheus import PrometheusFactory
+from support.story import Story, stories
 from support.timeline import CANARY_QUERY, SERVICE, VERSION_QUERY, Segment, Timeline, origin
 
 pytestmark = pytest.mark.prometheus
@@ -84,102 +76,10 @@ def rules(
     )
 
 
-class Story:
-    """One service's story: its history in a real Prometheus, and the daemon's parts judging
-    it every 15 simulated seconds."""
-
-    def __init__(
-        self,
-        tmp_path: Path,
-        factory: PrometheusFactory,
-        timeline: Timeline,
-        *,
-        start: int,
-        switches: tuple[int, ...] = (),
-        mode: str = "auto",
-        **rule_options: bool,
-    ) -> None:
-        server = factory(start=False)
-        timeline.backfill(server.storage_dir)
-        server.start()
-        server.wait_ready()
-        self.log = tmp_path / "runs.jsonl"
-        self.config = write_config(tmp_path, server.url, {SERVICE: rules(self.log, **rule_options)})
-        set_mode(self.config, mode)
-        self.store = Store(tmp_path / "state.db")
-        self.switches = switches
-        self.now = float(start)
-        self.restart()
-
-    def restart(self) -> None:
-        """A daemon (re)start on the same state store."""
-        loaded = load(self.config)
-        self.engine = Engine(loaded, PrometheusClient(loaded.config.prometheus), self.store)
-        verifier = Verifier(self.engine, clock=self.clock, sleep=self.sleep)
-        self.pipeline = Pipeline(self.engine, clock=self.clock, verifier=verifier)
-        self.runner = Runner(self.engine, self.pipeline.on_fire)
-
-    def reload(self) -> None:
-        self.engine.replace_config(load(self.config))
-
-    def clock(self) -> float:
-        # An executor that has run took until its switch: what the data shows from then on
-        # is the service after it.
-        runs = len(self.runs())
-        if runs and runs <= len(self.switches) and self.now < self.switches[runs - 1]:
-            self.now = float(self.switches[runs - 1])
-        return self.now
-
-    async def sleep(self, seconds: float) -> None:
-        self.now += seconds
-        await asyncio.sleep(0)
-
-    async def run_until(self, end: int, step: int = 15) -> None:
-        while self.clock() < end:
-            await self.runner.tick(self.now)
-            await self.pipeline.housekeeping()
-            await self.pipeline.wait_idle()
-            self.now += step
-
-    def runs(self) -> list[list[str]]:
-        if not self.log.exists():
-            return []
-        return [json.loads(line)["argv"] for line in self.log.read_text().splitlines()]
-
-    def rollbacks(self) -> list[tuple[str | None, str | None, RollbackState]]:
-        return [
-            (r.from_version, r.to_version, r.state)
-            for r in reversed(self.store.rollbacks(service=SERVICE))
-        ]
-
-    def events(self, *prefixes: str) -> list[str]:
-        wanted = prefixes or ("rollback.", "canary.", "verify.", "service.")
-        return [
-            e.type for e in reversed(self.store.events(limit=5000)) if e.type.startswith(wanted)
-        ]
-
-    def baked(self, version: str) -> bool:
-        record = self.store.version(SERVICE, version)
-        return record is not None and record.baked_at is not None
-
-
 @pytest.fixture
 def story(tmp_path: Path, prometheus_factory: PrometheusFactory) -> Iterator[type[Story]]:
-    made: list[Story] = []
-
-    class Made(Story):
-        def __init__(self, timeline: Timeline, **kwargs: object) -> None:
-            super().__init__(
-                tmp_path / f"story-{len(made)}",
-                prometheus_factory,
-                timeline,
-                **kwargs,  # type: ignore[arg-type]
-            )
-            made.append(self)
-
-    yield Made
-    for s in made:
-        s.store.close()
+    with stories(tmp_path, prometheus_factory, rules) as made:
+        yield made
 
 
 def bad_release(t0: int, *, restored_error_ratio: float = 0.01) -> tuple[Timeline, int, int]:

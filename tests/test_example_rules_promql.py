@@ -8,8 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from rollbackd.checks import BurnRateCheck, CheckSpec
+from rollbackd.checks import BurnRateCheck, CheckSpec, Query
+from rollbackd.checks.base import Span
+from rollbackd.checks.judge import Scope, judge
+from rollbackd.checks.measurement import Measurement
 from rollbackd.config.loader import LoadedConfig, load
+from rollbackd.core.samples import Verdict
+from rollbackd.core.sequential import Decision
+from rollbackd.prometheus import PrometheusClient
 from support import dataset
 from support.prometheus import PrometheusServer, Result, by_label, sample_value
 
@@ -26,11 +32,21 @@ def check_queries() -> list[pytest.ParameterSet]:
     for name, service in sorted(LOADED.services.items()):
         rules = service.rules
         for check in rules.check:
-            for query in check.queries(rules.version_scope):
+            for query in _queries(check, rules.version_scope):
                 cases.append(
                     pytest.param(query.role, query.expr, id=f"{name}-{check.name}-{query.role}")
                 )
     return cases
+
+
+RELEASE = Span(dataset.ORDERS_DEPLOY_TIME, dataset.EVAL_TIME, dataset.ORDERS_DEPLOY_TIME)
+"""What a check counting since the release counts over at EVAL_TIME: since orders' release."""
+
+
+def _queries(check: CheckSpec, by: str | None) -> list[Query]:
+    if check.counts_since_release:
+        return check.queries_since(RELEASE, by)
+    return check.queries(by)
 
 
 def service_queries() -> list[pytest.ParameterSet]:
@@ -52,7 +68,7 @@ def check(service: str, name: str) -> CheckSpec:
 
 def expr(service: str, name: str, role: str = "value") -> str:
     rules = LOADED.services[service].rules
-    queries = {q.role: q.expr for q in check(service, name).queries(rules.version_scope)}
+    queries = {q.role: q.expr for q in _queries(check(service, name), rules.version_scope)}
     return queries[role]
 
 
@@ -190,3 +206,40 @@ def test_single_version_services(backfilled_prometheus: PrometheusServer) -> Non
     assert run(backfilled_prometheus, expr("billing", "queue-backlog")) == {
         "": pytest.approx(dataset.BILLING_QUEUE_DEPTH)
     }
+
+
+def _judge_orders(prometheus: PrometheusServer, name: str) -> Measurement:
+    spec = check("orders", name)
+    section = LOADED.config.prometheus.model_copy(update={"url": prometheus.url})
+    client = PrometheusClient(section)
+    try:
+        results = {
+            q.role: client.query(q.expr, at=dataset.EVAL_TIME) for q in _queries(spec, "version")
+        }
+    finally:
+        client.close()
+    scope = Scope(version_label="version", current_version=dataset.ORDERS_V2, span=RELEASE)
+    [measurement] = judge(spec, results, scope)
+    return measurement
+
+
+def test_orders_release_with_three_times_the_errors_is_judged_worse(
+    backfilled_prometheus: PrometheusServer,
+) -> None:
+    m = _judge_orders(backfilled_prometheus, "errors-vs-baseline")
+    assert m.verdict is Verdict.BREACH
+    assert m.evidence is not None and m.evidence.decision is Decision.WORSE
+    minutes = (dataset.EVAL_TIME - dataset.ORDERS_DEPLOY_TIME) / 60
+    assert m.evidence.new.requests == pytest.approx(dataset.ORDERS_RPS * 60 * minutes, rel=0.02)
+    assert m.evidence.baseline.requests == pytest.approx(dataset.ORDERS_RPS * 3600, rel=0.02)
+    assert m.evidence.ratio == pytest.approx(3.0, rel=0.05)
+    assert "error ratio 3.00% vs 1.00% baseline (the 1h before the release)" in m.reason
+
+
+def test_orders_release_latency_is_judged_not_worse(
+    backfilled_prometheus: PrometheusServer,
+) -> None:
+    m = _judge_orders(backfilled_prometheus, "slow-vs-baseline")
+    assert m.verdict is Verdict.OK
+    assert m.evidence is not None and m.evidence.decision is not Decision.WORSE
+    assert m.evidence.new.ratio == pytest.approx(0.005, rel=0.05)

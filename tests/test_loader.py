@@ -49,7 +49,14 @@ def problems_of(config: Path) -> list[Problem]:
 def test_example_config_loads() -> None:
     loaded = load(ROOT / "config.example.toml")
     assert loaded.config.daemon.mode is Mode.AUTO
-    assert set(loaded.services) == {"checkout", "payments", "inventory", "billing", "search"}
+    assert set(loaded.services) == {
+        "checkout",
+        "payments",
+        "inventory",
+        "billing",
+        "search",
+        "orders",
+    }
 
 
 def test_rule_globs_are_relative_to_the_config_file(

@@ -125,6 +125,15 @@ PAYMENTS_PODS = ("payments-0", "payments-1", "payments-2")
 PAYMENTS_PODS_DOWN = 1
 """payments-2 is down (``up == 0``) throughout."""
 
+# --- orders: a release judged by compare checks against the hour before it -----------------
+ORDERS_V1 = "4.1.0"
+ORDERS_V2 = "4.2.0"
+ORDERS_DEPLOY_TIME: int = END - 40 * 60
+ORDERS_RPS = 20.0
+ORDERS_V1_ERROR_RATIO = 0.01
+ORDERS_V2_ERROR_RATIO = 0.03
+"""Three times the errors; its latency is unchanged."""
+
 # --- search, inventory, billing: one version each -------------------------------------------
 SEARCH_VERSION = "2.3.0"
 SEARCH_RPS = 20.0
@@ -193,6 +202,8 @@ TRACKS: tuple[Track, ...] = (
         start=PAYMENTS_CANARY_START,
         slow=True,
     ),
+    _track("orders", ORDERS_V1, ORDERS_RPS, ORDERS_V1_ERROR_RATIO, end=ORDERS_DEPLOY_TIME - STEP),
+    _track("orders", ORDERS_V2, ORDERS_RPS, ORDERS_V2_ERROR_RATIO, start=ORDERS_DEPLOY_TIME),
     _track("search", SEARCH_VERSION, SEARCH_RPS, SEARCH_ERROR_RATIO),
     _track("inventory", INVENTORY_VERSION, INVENTORY_RPS, INVENTORY_ERROR_RATIO),
     _track("billing", BILLING_VERSION, BILLING_RPS, BILLING_ERROR_RATIO),

@@ -288,6 +288,10 @@ class CheckOut(Answer):
     phase: str = Field(description="ok, pending or firing")
     blind: bool
     firing_series: list[dict[str, str]]
+    evidence: str | None = Field(
+        default=None,
+        description="a compare check's sequential test at its last evaluation here, in words",
+    )
 
 
 class BakeOut(Answer):

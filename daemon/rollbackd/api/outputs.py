@@ -86,7 +86,7 @@ def submission_out(submission: Submission, detail: RollbackDetail | None) -> Sub
     )
 
 
-def check_out(check: Check, state: CheckState) -> CheckOut:
+def check_out(check: Check, state: CheckState, evidence: str | None = None) -> CheckOut:
     return CheckOut(
         name=check.name,
         type=check.type,
@@ -94,6 +94,7 @@ def check_out(check: Check, state: CheckState) -> CheckOut:
         phase=state.phase.value,
         blind=state.blind,
         firing_series=[dict(labels) for labels in state.firing_series()],
+        evidence=evidence,
     )
 
 

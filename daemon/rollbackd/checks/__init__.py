@@ -8,23 +8,25 @@ from pydantic import Field
 
 from rollbackd.checks.base import CheckSpec, DetectionTime, Query, Threshold
 from rollbackd.checks.burn_rate import BurnRateCheck
+from rollbackd.checks.compare import CompareCheck
 from rollbackd.checks.error_rate import ErrorRateCheck
 from rollbackd.checks.latency import LatencyCheck
 from rollbackd.checks.probe import ProbeCheck
 from rollbackd.checks.query import QueryCheck
 
 Check = Annotated[
-    ErrorRateCheck | LatencyCheck | ProbeCheck | BurnRateCheck | QueryCheck,
+    ErrorRateCheck | LatencyCheck | ProbeCheck | BurnRateCheck | QueryCheck | CompareCheck,
     Field(discriminator="type"),
 ]
 
-CHECK_TYPES = ("error_rate", "latency", "probe", "burn_rate", "query")
+CHECK_TYPES = ("error_rate", "latency", "probe", "burn_rate", "query", "compare")
 
 __all__ = [
     "CHECK_TYPES",
     "BurnRateCheck",
     "Check",
     "CheckSpec",
+    "CompareCheck",
     "DetectionTime",
     "ErrorRateCheck",
     "LatencyCheck",

@@ -132,16 +132,40 @@ class DetectionTime:
     hold_text: str
     window: timedelta | None
     """The rate window that must fill with bad samples before the condition is true."""
+    bounded: bool = True
+    """False for a sequential test, which fires when its evidence is strong enough: then
+    ``hold_text`` says so instead of a worst case."""
 
     @property
     def total(self) -> timedelta:
         return self.interval + self.hold + (self.window or timedelta(0))
 
     def __str__(self) -> str:
+        if not self.bounded:
+            return self.hold_text
         parts = [self.hold_text]
         if self.window is not None:
             parts.append(f"rate window {format_duration(self.window)}")
         return f"{format_duration(self.total)} ({' + '.join(parts)})"
+
+
+@dataclass(frozen=True)
+class Span:
+    """The stretch of time a ``compare`` check counts over: since the judged version went
+    live (a canary: since it started), against the baseline window that ends at
+    ``baseline_until``."""
+
+    since: float
+    """When the judged version went live (epoch seconds)."""
+    now: float
+    """The evaluation's moment."""
+    baseline_until: float
+    """The end of the baseline window: the release itself, or, when a rollback is being
+    verified, the release that was rolled back (the target's own time before it)."""
+
+    @property
+    def elapsed(self) -> float:
+        return self.now - self.since
 
 
 @dataclass(frozen=True)
@@ -201,6 +225,9 @@ class CheckSpec(Strict):
 
     groups_by_version: ClassVar[bool] = False
     """Whether the type's queries split by the service's version label (``queries(by)``)."""
+    counts_since_release: ClassVar[bool] = False
+    """Whether the type's queries depend on when the version went live
+    (``queries_since``), so that they are built afresh for every evaluation."""
 
     @model_validator(mode="after")
     def _for_or_breaches(self) -> Self:
@@ -236,6 +263,10 @@ class CheckSpec(Strict):
         Verification passes the time since the switch, so that a rolled-back release's
         requests, still inside a whole-service rate window, are not judged against the
         version now live. ``None`` (every other caller) keeps the windows as configured."""
+        raise NotImplementedError
+
+    def queries_since(self, span: Span, by: str | None = None) -> list[Query]:
+        """The PromQL for one evaluation, for types that count since the release."""
         raise NotImplementedError
 
     def rate_window(self) -> timedelta | None:

@@ -9,51 +9,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
 
-from rollbackd.checks.base import CheckSpec, Direction, Reading, Threshold
-from rollbackd.core.samples import Labels, QueryResult, Verdict, format_labels
-
-
-@dataclass(frozen=True)
-class Baseline:
-    """What the current version is compared with for ``max_increase``."""
-
-    value: float
-    source: str
-    """In words: ``stable track (version v1)``, ``last known good v1, recorded when it baked``."""
-
-
-@dataclass(frozen=True)
-class Scope:
-    """What the evaluator knows about the service while judging."""
-
-    version_label: str | None = None
-    """The label the check's series are grouped by, when versions are judged apart."""
-    current_version: str | None = None
-    stable_version: str | None = None
-    """While a canary runs: the stable track's version, whose series are the baseline."""
-    baseline: Baseline | None = None
-    """Outside a canary: the last known good version's value of this check."""
-
-
-@dataclass(frozen=True)
-class Measurement:
-    """One series' verdict and everything needed to explain it."""
-
-    check: str
-    labels: Labels
-    verdict: Verdict
-    value: float | None
-    threshold: Threshold | None
-    baseline: Baseline | None
-    traffic: float | None
-    query: str
-    reason: str
-
-    @property
-    def series(self) -> str:
-        return format_labels(self.labels) if self.labels else ""
+from rollbackd.checks.base import CheckSpec, Direction, Reading
+from rollbackd.checks.compare import CompareCheck
+from rollbackd.checks.compare_judge import judge_compare
+from rollbackd.checks.measurement import Baseline, Measurement, Scope
+from rollbackd.core.samples import Labels, QueryResult, Verdict
 
 
 def _relative(check: CheckSpec, value: float, baseline: Baseline) -> tuple[bool, str] | None:
@@ -114,6 +75,8 @@ def judge(
 ) -> list[Measurement]:
     """One measurement per judged series. An empty answer is one NO_DATA measurement for
     the whole check (labels ``()``)."""
+    if isinstance(check, CompareCheck):
+        return judge_compare(check, results, scope)
     query = results["value"].expr if "value" in results else next(iter(results.values())).expr
     readings = check.read(results)
     label = scope.version_label if check.groups_by_version else None
@@ -197,3 +160,6 @@ def error_measurement(check: CheckSpec, query: str, message: str) -> Measurement
         query=query,
         reason=f"query failed: {message}",
     )
+
+
+__all__ = ["Baseline", "Measurement", "Scope", "error_measurement", "judge"]

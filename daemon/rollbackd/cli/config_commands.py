@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from rollbackd.checks.judge import Measurement
 from rollbackd.cli.evaluation import evaluate_once
 from rollbackd.cli.replay import replay
 from rollbackd.cli.timeparse import format_time, parse_time
@@ -143,11 +144,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     services = _selected(loaded, args.service)
     try:
         at = parse_time(args.at)
+        since = None if args.since is None else parse_time(args.since)
     except ValueError as exc:
         print(f"rollbackd eval: {exc}", file=sys.stderr)
         return 1
     configure_logs(LogFormat.CONSOLE, "error")
-    passes = asyncio.run(evaluate_once(loaded, services, at))
+    passes = asyncio.run(evaluate_once(loaded, services, at, since=since))
     if args.json:
         print(json.dumps([p.as_json() for p in passes], indent=2))
         return 0
@@ -161,7 +163,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                     m.check,
                     m.series or "-",
                     "-" if m.value is None else f"{m.value:.4g}",
-                    str(m.threshold) if m.threshold else "tiers",
+                    _threshold_text(m),
                     f"{m.baseline.value:.4g}" if m.baseline else "-",
                     m.verdict.value.upper(),
                     m.reason,
@@ -170,6 +172,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(table(rows))
         print()
     return 0
+
+
+def _threshold_text(m: Measurement) -> str:
+    if m.threshold is not None:
+        return str(m.threshold)
+    if m.evidence is not None:
+        return f"evidence {m.evidence.threshold:.0f}:1"
+    return "tiers"
 
 
 def cmd_replay(args: argparse.Namespace) -> int:

@@ -14,7 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from rollbackd.checks.compare_judge import evidence_json
 from rollbackd.checks.judge import Measurement
+from rollbackd.cli.replay import version_timeline
 from rollbackd.config.loader import LoadedConfig, Service
 from rollbackd.prometheus import PrometheusClient
 from rollbackd.runtime.engine import Engine
@@ -48,15 +50,39 @@ class ServicePass:
                     "verdict": m.verdict.value,
                     "reason": m.reason,
                     "query": m.query,
+                    "evidence": None if m.evidence is None else evidence_json(m.evidence),
                 }
                 for m in self.measurements
             ],
         }
 
 
+RELEASE_LOOKBACK = 86_400.0
+"""How far back ``eval`` reads version_query to find when the running version went live."""
+
+
+def release_time(client: PrometheusClient, service: Service, at: float) -> float | None:
+    """When the version running at ``at`` went live, as version_query's history over the
+    day before shows it (the daemon knows it from its store; ``eval`` keeps none). Only
+    needed by checks counting since the release; None without version_query."""
+    if not any(c.counts_since_release for c in service.rules.check):
+        return None
+    if not service.rules.service.version_query:
+        return None
+    step = min(c.interval.total_seconds() for c in service.rules.check)
+    timeline = version_timeline(client, service, at - RELEASE_LOOKBACK, at, max(step, 60.0))
+    return timeline.at(at)[1]
+
+
 async def evaluate_once(
-    loaded: LoadedConfig, services: Sequence[Service], now: float | None = None
+    loaded: LoadedConfig,
+    services: Sequence[Service],
+    now: float | None = None,
+    *,
+    since: float | None = None,
 ) -> list[ServicePass]:
+    """``since``: when the running versions went live, for checks counting since the
+    release (default: ``release_time``)."""
     at = time.time() if now is None else now
     client = PrometheusClient(loaded.config.prometheus)
     with tempfile.TemporaryDirectory(prefix="rollbackd-eval-") as scratch:
@@ -67,8 +93,9 @@ async def evaluate_once(
             for service in services:
                 await engine.observe_service(service, at)
                 measurements: list[Measurement] = []
+                went_live = since if since is not None else release_time(client, service, at)
                 for check in service.rules.check:
-                    measurements.extend(await engine.evaluate(service, check, at))
+                    measurements.extend(await engine.evaluate(service, check, at, since=went_live))
                 passes.append(
                     ServicePass(
                         service.name,

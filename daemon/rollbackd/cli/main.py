@@ -169,6 +169,12 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument(
         "--at", default="now", metavar="TIME", help="evaluate as of this time (default now)"
     )
+    evaluate.add_argument(
+        "--since",
+        metavar="TIME",
+        help="when the running version went live, for compare checks (default: read from "
+        "version_query's history over the day before)",
+    )
     evaluate.set_defaults(handler=cmd_eval)
 
     rerun = commands.add_parser(

@@ -127,6 +127,10 @@ def _print_status(status: dict[str, Any], url: str) -> None:
         print()
         print(table(rows, indent=""))
         for s in services:
+            for c in s["checks"]:
+                if c.get("evidence"):
+                    print(f"  {s['name']} {c['name']}: {c['evidence']}")
+        for s in services:
             if s["frozen"]:
                 print(f"  {s['name']} is frozen: {s['frozen_reason'] or 'no reason recorded'}")
                 print(f"    after a look: rollbackd resume {s['name']}")

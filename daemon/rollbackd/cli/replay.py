@@ -8,11 +8,11 @@ be tuned before they are trusted. It runs the same code as the daemon — ``judg
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 
-from rollbackd.checks.base import Action, CheckSpec
+from rollbackd.checks.base import Action, CheckSpec, Span
 from rollbackd.checks.judge import Scope, judge
 from rollbackd.config.loader import LoadedConfig, Service
 from rollbackd.core.check_state import CheckState, Judged, Transition, step_check
@@ -65,6 +65,26 @@ def _instant(result: RangeResult, at: float, step: float) -> QueryResult:
     return QueryResult(result.expr, ResultType.VECTOR, tuple(samples))
 
 
+def _answers(
+    client: PrometheusClient, check: CheckSpec, by: str | None, start: float, end: float
+) -> Callable[[float, Scope], dict[str, QueryResult]]:
+    """The check's answers at each step. A check counting since the release queries each
+    step afresh (its ranges end at the release); the others read every step out of one
+    range query per query."""
+    step = check.interval.total_seconds()
+    if check.counts_since_release:
+
+        def since_release(at: float, scope: Scope) -> dict[str, QueryResult]:
+            if scope.span is None:
+                return {}
+            queries = check.queries_since(scope.span, by)
+            return {q.role: client.query(q.expr, at=at) for q in queries}
+
+        return since_release
+    ranges = {q.role: client.query_range(q.expr, start, end, step) for q in check.queries(by)}
+    return lambda at, _: {role: _instant(r, at, step) for role, r in ranges.items()}
+
+
 def version_timeline(
     client: PrometheusClient, service: Service, start: float, end: float, step: float
 ) -> VersionTimeline:
@@ -96,8 +116,7 @@ def replay_check(
 ) -> list[ReplayEvent]:
     step = check.interval.total_seconds()
     scope_label = service.rules.version_scope
-    queries = check.queries(scope_label)
-    ranges = {q.role: client.query_range(q.expr, start, end, step) for q in queries}
+    answers = _answers(client, check, scope_label, start, end)
     policy = check.policy()
     state = CheckState(series={})
     events: list[ReplayEvent] = []
@@ -105,10 +124,10 @@ def replay_check(
     window = service.rules.service.rollback_window.total_seconds()
     for at in _grid(start, end, step):
         current, since, previous = versions.at(at)
-        results = {role: _instant(r, at, step) for role, r in ranges.items()}
-        measurements = judge(
-            check, results, Scope(version_label=scope_label, current_version=current)
-        )
+        scope = Scope(version_label=scope_label, current_version=current)
+        if check.counts_since_release:
+            scope = replace(scope, span=None if since is None else Span(since, at, since))
+        measurements = judge(check, answers(at, scope), scope)
         by_labels = {m.labels: m for m in measurements}
         state, changes = step_check(
             state,

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from rollbackd.alertmanager import AlertWatch
 from rollbackd.checks.judge import Measurement
 from rollbackd.config.loader import LoadedConfig, Service
+from rollbackd.core.sequential import Decision
 from rollbackd.logs import get_logger
 from rollbackd.runtime.bake_evidence import (
     BakeStatus,
@@ -50,6 +51,8 @@ class _Bake:
     """What kept the version from baking at the last poll: checks and alerts firing."""
     shortfall: Shortfall | None = None
     """The current version's last bake period that ended without enough evidence."""
+    not_worse: dict[str, str | None] = field(default_factory=dict)
+    """check -> the version its sequential test last concluded not worse for."""
 
 
 class Baking:
@@ -84,6 +87,10 @@ class Baking:
         verdict, reason = evaluation_verdict(measurements, scope, current)
         bake = self._of(service.name)
         bake.evidence = record_check(bake.evidence, current, check, verdict, reason, at)
+        if any(m.evidence and m.evidence.decision is Decision.NOT_WORSE for m in measurements):
+            bake.not_worse[check] = current
+        else:
+            bake.not_worse.pop(check, None)
 
     async def bake(
         self,
@@ -108,6 +115,10 @@ class Baking:
             return None
         bake.blockers = tuple(blockers)
         need = self.requirement(loaded, service)
+        current = self.versions.current(name)
+        # Every check a sequential test that has concluded "not worse": the evidence the
+        # bake time stands in for is in, so the version need not wait it out.
+        early = bool(need.checks) and all(bake.not_worse.get(c) == current for c in need.checks)
 
         def judged(version: str, since: float) -> Judgement:
             if not version_read:
@@ -126,7 +137,12 @@ class Baking:
 
         try:
             baked = await self.versions.update_bake(
-                name, now, not blockers, service.rules.service.bake_time, evidence=judged
+                name,
+                now,
+                not blockers,
+                service.rules.service.bake_time,
+                evidence=judged,
+                early=early,
             )
             state = self.store.service_state(name)
         except StoreError as exc:
@@ -142,8 +158,11 @@ class Baking:
         if baked is not None:
             bake.shortfall = None
             self.baselines.baked(name, baked)
-            log.info("version baked", service=name, version=baked)
-            await self.bus.publish("version.baked", now, name, data={"version": baked})
+            log.info("version baked", service=name, version=baked, early=early)
+            data = {"version": baked}
+            if early:
+                data["early"] = "every check's sequential test concluded not worse"
+            await self.bus.publish("version.baked", now, name, data=data)
         return baked
 
     async def _blockers(

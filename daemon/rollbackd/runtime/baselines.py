@@ -11,8 +11,9 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import timedelta
 
-from rollbackd.checks.base import CheckSpec
+from rollbackd.checks.base import CheckSpec, Span
 from rollbackd.checks.judge import Baseline, Measurement, Scope
 from rollbackd.config.loader import Service
 from rollbackd.logs import get_logger
@@ -75,6 +76,27 @@ class Baselines:
             stable_version=stable,
             baseline=baseline,
         )
+
+    def span(
+        self, service: str, current: str | None, now: float, window_cap: timedelta | None
+    ) -> Span | None:
+        """What a check counting since the release counts over: since ``current`` went live,
+        against the baseline window before that. While a rollback is verified
+        (``window_cap``: the time since the switch), since the switch, against the window
+        before the release that was rolled back: the target's own time."""
+        if window_cap is None:
+            since = self.versions.current_since(service)
+            return None if since is None else Span(since, now, since)
+        switched = now - window_cap.total_seconds()
+        rolled_back = next(
+            (
+                change.at
+                for change in self.store.version_changes(service, 10)
+                if change.at <= switched and change.to_version != current
+            ),
+            None,
+        )
+        return Span(switched, now, switched if rolled_back is None else rolled_back)
 
     def note(
         self,

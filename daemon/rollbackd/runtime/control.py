@@ -194,6 +194,10 @@ class Control:
     def canary_active(self, service: str) -> bool:
         return self._engine.canary_active(service)
 
+    def check_evidence(self, service: str, check: str) -> str | None:
+        """A ``compare`` check's evidence at its last evaluation by this daemon."""
+        return self._engine.evidence(service, check)
+
     def bake_status(
         self,
         service: Service,

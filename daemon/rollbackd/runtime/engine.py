@@ -20,7 +20,7 @@ from collections.abc import Collection, Mapping
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
-from rollbackd.checks.base import CheckSpec, Query
+from rollbackd.checks.base import CheckSpec, Query, Span
 from rollbackd.checks.batching import Batch, Plan, plan
 from rollbackd.checks.judge import Measurement, Scope, error_measurement, judge
 from rollbackd.config.loader import LoadedConfig, Service
@@ -76,6 +76,8 @@ class Engine:
         self.keeper = CheckStateKeeper(store)
         self._client = client
         self.states: dict[Key, CheckState] = self.keeper.restore(loaded)
+        self._evidence: dict[Key, str] = {}
+        """A sequential check's last evaluation in words, for ``status``."""
         self.transitions = Transitions(self.bus, self.versions, self.keeper)
         self.transitions.blind = {key for key, state in self.states.items() if state.blind}
         self.query_batching = QUERY_BATCHING if query_batching is None else query_batching
@@ -352,6 +354,8 @@ class Engine:
         policy = check.policy()
         state, changes = step_check(self.check_state(*key), outcome, _dt(now), policy)
         self.states[key] = state
+        if check.counts_since_release and measurements:
+            self._evidence[key] = measurements[0].reason
         # Before the changes are acted on: a rollback must never have been started on a
         # firing that a restart would forget.
         await self.keeper.save(key, state, policy, now)
@@ -374,14 +378,31 @@ class Engine:
         answers: Answers | None = None,
         window_cap: timedelta | None = None,
         version: str | None = None,
+        since: float | None = None,
     ) -> list[Measurement]:
         """Query and judge, without touching any state: what ``rollbackd eval`` prints.
         ``answers``: the check's answers (or the failure) its batch already fetched.
         ``window_cap``: no range window longer than this (verification, which queries alone:
         batches are built with the configured windows). ``version``: judged as the running
-        version instead of the one tracked (verification reads it afresh)."""
+        version instead of the one tracked (verification reads it afresh). ``since``: when
+        that version went live, for checks counting since the release, instead of the time
+        tracked (``rollbackd eval``, which tracks nothing)."""
         rules = service.rules
-        queries = check.queries(rules.version_scope, window_cap=window_cap)
+        current = self.versions.current(service.name) if version is None else version
+        scope = await self._scope(service, check, now, current)
+        if check.counts_since_release:
+            # Counted since the version went live: the queries are this evaluation's own.
+            span = (
+                Span(since, now, since)
+                if since is not None
+                else self.baselines.span(service.name, current, now, window_cap)
+            )
+            scope = replace(scope, span=span)
+            if span is None:
+                return judge(check, {}, scope)
+            queries = check.queries_since(span, rules.version_scope)
+        else:
+            queries = check.queries(rules.version_scope, window_cap=window_cap)
         if isinstance(answers, PrometheusError):
             return [error_measurement(check, queries[0].expr, str(answers))]
         if answers is None:
@@ -395,8 +416,7 @@ class Engine:
             results = {q.role: answer for q, answer in zip(queries, fetched, strict=True)}
         else:
             results = dict(answers)
-        current = self.versions.current(service.name) if version is None else version
-        measurements = judge(check, results, await self._scope(service, check, now, current))
+        measurements = judge(check, results, scope)
         if window_cap is None:  # a shortened window's value is no baseline for the configured one
             self.baselines.note(service, check, measurements, current)
         return measurements
@@ -425,6 +445,10 @@ class Engine:
         self.metrics.queries.labels("ok").inc()
         self.metrics.prometheus_up.set(1)
         return result
+
+    def evidence(self, service: str, check: str) -> str | None:
+        """A sequential check's evidence at its last evaluation here, in words."""
+        return self._evidence.get((service, check))
 
     # -- what happened --------------------------------------------------------------
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rollbackd.checks.base import Action, CheckSpec
+from rollbackd.checks.compare_judge import evidence_json
 from rollbackd.checks.judge import Measurement
 from rollbackd.core.check_state import Change, CheckState, SeriesState
 from rollbackd.core.samples import Labels, Verdict
@@ -67,6 +68,7 @@ def firing_data(firing: Firing) -> dict[str, Any]:
         "reason": m.reason,
         "query": m.query,
         "breach_started": firing.breach_started,
+        **({"evidence": evidence_json(m.evidence)} if m.evidence else {}),
     }
 
 

@@ -293,6 +293,7 @@ class VersionTracker:
         bake_time: timedelta,
         *,
         evidence: Callable[[str, float], Judgement] | None = None,
+        early: bool = False,
     ) -> str | None:
         """Advance the bake clock of the service's current version; return the version
         when it has just baked (once), else None.
@@ -300,7 +301,8 @@ class VersionTracker:
         ``evidence(version, period_start)`` judges, once the clock has run ``bake_time``,
         what the period showed (``bake_evidence.py``): ENOUGH bakes, NOT_YET waits, and
         NOT_ENOUGH ends the period there: the clock restarts at ``now``. None: the clock
-        alone decides.
+        alone decides. ``early``: the evidence is judged now, without waiting out
+        ``bake_time`` (every check's sequential test concluded "not worse").
 
         The clock runs while the service is healthy (no check firing), from the later of
         when the version went live and when the service became healthy; an unhealthy
@@ -322,7 +324,7 @@ class VersionTracker:
             start = max(state.current_since, now if healthy_since is None else healthy_since)
             if start != state.healthy_since:
                 await self._writer.set_healthy_since(service, start)
-            if now - start < bake_time.total_seconds():
+            if not early and now - start < bake_time.total_seconds():
                 return None
             version = state.current_version
             missing = self._missing.get(service)

@@ -90,5 +90,11 @@ def _checks(api: ApiContext, name: str, service: Service, holdings: Holdings) ->
     found = []
     for check in service.rules.check:
         state = holdings.check_state(name, check.name)
-        found.append(check_out(check, state or api.control.check_state(name, check.name)))
+        found.append(
+            check_out(
+                check,
+                state or api.control.check_state(name, check.name),
+                api.control.check_evidence(name, check.name),
+            )
+        )
     return found

@@ -1,0 +1,220 @@
+"""Judging a ``compare`` check: its counts become the arms of a sequential test
+(``core/sequential.py``), and the test's decision becomes the verdict, in words.
+
+Worse is a breach; not worse and undecided are OK (an undecided test has found nothing
+wrong yet). Pure: no I/O and no clock.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+from rollbackd.checks.compare import CompareCheck
+from rollbackd.checks.measurement import Baseline, Measurement, Scope
+from rollbackd.core.durations import format_duration
+from rollbackd.core.samples import Labels, QueryResult, Verdict
+from rollbackd.core.sequential import (
+    Arm,
+    Decision,
+    Evidence,
+    compare_concurrent,
+    compare_with_history,
+)
+
+
+def _values(result: QueryResult | None) -> dict[Labels, float]:
+    if result is None:
+        return {}
+    return {s.labels: s.value for s in result.samples if math.isfinite(s.value)}
+
+
+def _pick(values: dict[Labels, float], label: str | None, version: str | None) -> float | None:
+    """The series of ``version`` (by ``label``), or the only series of an unsplit query."""
+    if label is None or version is None:
+        return next(iter(values.values()), None) if len(values) == 1 else None
+    found = [v for labels, v in values.items() if dict(labels).get(label) == version]
+    return found[0] if len(found) == 1 else None
+
+
+def _arm(requests: float, bad: float | None) -> Arm:
+    # increase() extrapolates each series on its own: keep bad within [0, requests].
+    counted = max(requests, 0.0)
+    return Arm(counted, min(max(bad or 0.0, 0.0), counted))
+
+
+def baseline_dispersion(results: Mapping[str, QueryResult], baseline: Arm) -> float:
+    """The baseline window's variance inflation, from the per-block sums Prometheus
+    computed: Pearson's statistic sum((bad_b - p req_b)^2 / (p req_b)) / (B - 1), which
+    with p = sum bad / sum req is (sum(bad_b^2 / req_b) / p - sum bad) / (B - 1)."""
+    squares = _pick(_values(results.get("blocks")), None, None)
+    blocks = _pick(_values(results.get("block count")), None, None)
+    if squares is None or blocks is None or blocks < 2 or baseline.bad <= 0:
+        return 1.0
+    p = baseline.bad / baseline.requests
+    return max(1.0, (squares / p - baseline.bad) / (blocks - 1))
+
+
+def _no_data(check: CompareCheck, query: str, labels: Labels, reason: str) -> Measurement:
+    return Measurement(check.name, labels, Verdict.NO_DATA, None, None, None, None, query, reason)
+
+
+def _ratio(x: float) -> str:
+    return f"{x:.2f}x" if math.isfinite(x) else "-"
+
+
+def _odds(x: float) -> str:
+    return f"{x:,.0f}:1" if x >= 10 else f"{x:.2g}:1"
+
+
+def describe(check: CompareCheck, evidence: Evidence, source: str) -> str:
+    """The evidence in words: what was measured, against what, how strong, and on how many
+    requests it rests."""
+    name = check.value_name()
+    new, base = evidence.new, evidence.baseline
+    measured = (
+        f"{name} {check.format_value(new.ratio)} vs {check.format_value(base.ratio)} "
+        f"baseline ({source}), {_ratio(evidence.ratio)} "
+        f"({check.confidence:.0%} interval {_ratio(evidence.low)}-{_ratio(evidence.high)})"
+    )
+    threshold = f"threshold {_odds(evidence.threshold)}"
+    worse_by = f"{check.worse_by:.0%}"
+    if evidence.decision is Decision.WORSE:
+        verdict = f"worse: evidence {_odds(evidence.worse)} for worse, {threshold}"
+    elif evidence.decision is Decision.NOT_WORSE:
+        verdict = (
+            f"not worse by {worse_by}: evidence {_odds(evidence.not_worse)} against, {threshold}"
+        )
+    else:
+        verdict = (
+            f"undecided: evidence {_odds(evidence.worse)} for worse and "
+            f"{_odds(evidence.not_worse)} against worse by {worse_by}, {threshold}"
+        )
+    rests = f"on {new.requests:,.0f} requests vs {base.requests:,.0f}"
+    bursts = (
+        f", counts deflated {evidence.dispersion:.2g}x for bursts"
+        if evidence.dispersion > 1
+        else ""
+    )
+    return f"{measured}; {verdict}; {rests}{bursts}"
+
+
+def evidence_json(evidence: Evidence) -> dict[str, object]:
+    """The test's figures, for ``eval --json``, events and the API."""
+
+    def number(x: float) -> float | None:
+        return x if math.isfinite(x) else None
+
+    return {
+        "test": evidence.test.value,
+        "decision": evidence.decision.value,
+        "ratio": number(evidence.ratio),
+        "interval": [number(evidence.low), number(evidence.high)],
+        "evidence_worse": number(evidence.worse),
+        "evidence_not_worse": number(evidence.not_worse),
+        "threshold": evidence.threshold,
+        "dispersion": evidence.dispersion,
+        "new": {"requests": evidence.new.requests, "bad": evidence.new.bad},
+        "baseline": {"requests": evidence.baseline.requests, "bad": evidence.baseline.bad},
+    }
+
+
+def judge_compare(
+    check: CompareCheck, results: Mapping[str, QueryResult], scope: Scope
+) -> list[Measurement]:
+    """One measurement: the judged version's arm against its baseline."""
+    query = results["bad"].expr if "bad" in results else ""
+    label = scope.version_label
+    current = scope.current_version
+    labels: Labels = ((label, current),) if label and current else ()
+    if scope.span is None:
+        return [
+            _no_data(
+                check,
+                query,
+                labels,
+                "no release to count from: when the version went live is not known",
+            )
+        ]
+    if label and current is None:
+        return [_no_data(check, query, labels, "the running version is not known")]
+    requests = _values(results.get("requests"))
+    bad = _values(results.get("bad"))
+    new_requests = _pick(requests, label, current)
+    if not new_requests:
+        whose = f" for {label}={current!r}" if label else ""
+        return [_no_data(check, query, labels, f"no requests counted{whose} since the release")]
+    new_bad = _pick(bad, label, current)
+    if new_bad is None and check.slower_than is not None:
+        return [
+            _no_data(
+                check,
+                query,
+                labels,
+                f"no bucket le={check.slower_than:g} in {check.metric}_bucket: slower_than "
+                "must be one of the histogram's bucket bounds",
+            )
+        ]
+    new = _arm(new_requests, new_bad)
+    traffic = new.requests / max(scope.span.elapsed, 1.0)
+    if check.min_rate > 0 and traffic < check.min_rate:
+        return [
+            _no_data(
+                check,
+                query,
+                labels,
+                f"traffic {traffic:.3g} req/s since the release is below min_rate "
+                f"{check.min_rate:g} req/s",
+            )
+        ]
+    base_requests = _pick(_values(results.get("baseline requests")), None, None)
+    base_bad = _pick(_values(results.get("baseline bad")), None, None)
+    window = f"the {format_duration(check.baseline_window)} before the release"
+    history = _arm(base_requests or 0.0, base_bad)
+    phi = baseline_dispersion(results, history) if history.requests > 0 else 1.0
+    stable = _stable_arm(requests, bad, label, scope.stable_version)
+    if stable is not None:
+        evidence = compare_concurrent(
+            new, stable, worse_by=check.worse_by, confidence=check.confidence, dispersion=phi
+        )
+        source = f"stable track, version {scope.stable_version}"
+    elif history.requests > 0:
+        evidence = compare_with_history(
+            new, history, worse_by=check.worse_by, confidence=check.confidence, dispersion=phi
+        )
+        source = window
+    else:
+        return [_no_data(check, query, labels, f"no requests in {window} to compare with")]
+    return [
+        Measurement(
+            check=check.name,
+            labels=labels,
+            verdict=Verdict.BREACH if evidence.decision is Decision.WORSE else Verdict.OK,
+            value=new.ratio,
+            threshold=None,
+            baseline=Baseline(evidence.baseline.ratio, source),
+            traffic=traffic,
+            query=query,
+            reason=describe(check, evidence, source),
+            evidence=evidence,
+        )
+    ]
+
+
+def _stable_arm(
+    requests: dict[Labels, float],
+    bad: dict[Labels, float],
+    label: str | None,
+    stable: str | None,
+) -> Arm | None:
+    """The stable track's concurrent counts while a canary runs, when the series are split
+    by version and the stable version has requests."""
+    if label is None or stable is None:
+        return None
+    counted = _pick(requests, label, stable)
+    if not counted:
+        return None
+    return _arm(counted, _pick(bad, label, stable))
+
+
+__all__ = ["baseline_dispersion", "describe", "evidence_json", "judge_compare"]

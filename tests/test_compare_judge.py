@@ -1,0 +1,189 @@
+"""Judging a ``compare`` check from its answers (``checks/compare_judge.py``): which arms are
+compared, NO_DATA and why, and the evidence in words. The rule file's keys are checked too."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+from pydantic import ValidationError
+
+from rollbackd.checks.base import Span
+from rollbackd.checks.compare import CompareCheck
+from rollbackd.checks.compare_judge import baseline_dispersion
+from rollbackd.checks.judge import Scope, judge
+from rollbackd.core import sequential
+from rollbackd.core.samples import Labels, QueryResult, ResultType, Sample, Verdict
+from rollbackd.core.sequential import Arm, Decision
+
+RELEASE = 1_000_000.0
+SPAN = Span(RELEASE, RELEASE + 600, RELEASE)
+"""Ten minutes after the release."""
+
+
+def compare(**keys: object) -> CompareCheck:
+    spec: dict[str, object] = {"name": "vs-baseline", "type": "compare", "errors": 'code="500"'}
+    spec.update(keys)
+    return CompareCheck.model_validate(spec)
+
+
+def answer(role: str, *series: tuple[Labels, float]) -> QueryResult:
+    return QueryResult(
+        f"<{role}>", ResultType.VECTOR, tuple(Sample(labels, v, 0.0) for labels, v in series)
+    )
+
+
+def results(
+    *,
+    new: tuple[float, float] | None,
+    stable: tuple[float, float] | None = None,
+    baseline: tuple[float, float] | None = (36_000, 360),
+    label: str | None = None,
+) -> dict[str, QueryResult]:
+    """(requests, bad) of the new arm (version 2), the stable arm (version 1) and the
+    baseline window."""
+    arms = []
+    if new is not None:
+        arms.append(((("version", "2"),) if label else (), new))
+    if stable is not None:
+        arms.append(((("version", "1"),), stable))
+    base = [((), baseline)] if baseline is not None else []
+    return {
+        "bad": answer("bad", *((labels, bad) for labels, (_, bad) in arms)),
+        "requests": answer("requests", *((labels, n) for labels, (n, _) in arms)),
+        "baseline bad": answer("baseline bad", *((labels, b) for labels, (_, b) in base)),
+        "baseline requests": answer("baseline requests", *((labels, n) for labels, (n, _) in base)),
+        "blocks": answer("blocks"),
+        "block count": answer("block count"),
+    }
+
+
+def test_without_a_canary_the_release_is_judged_against_the_window_before_it() -> None:
+    [m] = judge(compare(), results(new=(6_000, 180)), Scope(span=SPAN))
+    assert m.verdict is Verdict.BREACH
+    assert m.evidence is not None
+    assert (m.evidence.test, m.evidence.decision) == (sequential.Test.HISTORY, Decision.WORSE)
+    assert m.value == pytest.approx(0.03)
+    assert m.baseline is not None and m.baseline.value == pytest.approx(0.01)
+    assert m.traffic == pytest.approx(10.0)
+    assert m.reason.startswith("error ratio 3.00% vs 1.00% baseline (the 1h before the release)")
+    assert "worse: evidence" in m.reason and "threshold 200:1" in m.reason
+    assert m.reason.endswith("on 6,000 requests vs 36,000")
+
+
+def test_during_a_canary_the_stable_track_is_the_baseline() -> None:
+    scope = Scope(version_label="version", current_version="2", stable_version="1", span=SPAN)
+    [m] = judge(compare(), results(new=(600, 18), stable=(5_400, 54), label="version"), scope)
+    assert m.labels == (("version", "2"),)
+    assert m.evidence is not None and m.evidence.test is sequential.Test.CONCURRENT
+    assert m.evidence.baseline == Arm(5_400, 54)
+    assert "baseline (stable track, version 1)" in m.reason
+    assert "threshold 100:1" in m.reason
+
+
+def test_a_healthy_release_is_ok_and_says_it_is_undecided_or_not_worse() -> None:
+    [m] = judge(compare(), results(new=(6_000, 60)), Scope(span=SPAN))
+    assert m.verdict is Verdict.OK
+    assert m.evidence is not None and m.evidence.decision is not Decision.WORSE
+    assert ("undecided: evidence" in m.reason) or ("not worse by 20%" in m.reason)
+
+
+@pytest.mark.parametrize(
+    ("scope", "answers", "why"),
+    [
+        (Scope(), results(new=(6_000, 60)), "no release to count from"),
+        (Scope(span=SPAN), results(new=None), "no requests counted since the release"),
+        (
+            Scope(version_label="version", current_version="2", span=SPAN),
+            results(new=None, label="version"),
+            "no requests counted for version='2' since the release",
+        ),
+        (
+            Scope(span=SPAN),
+            results(new=(6_000, 60), baseline=None),
+            "no requests in the 1h before the release to compare with",
+        ),
+    ],
+    ids=["no-release-time", "no-requests", "no-requests-for-the-version", "no-baseline"],
+)
+def test_nothing_to_judge_is_no_data_saying_why(
+    scope: Scope, answers: dict[str, QueryResult], why: str
+) -> None:
+    [m] = judge(compare(), answers, scope)
+    assert m.verdict is Verdict.NO_DATA
+    assert why in m.reason
+
+
+def test_traffic_below_min_rate_is_no_data() -> None:
+    [m] = judge(compare(min_rate=20), results(new=(6_000, 180)), Scope(span=SPAN))
+    assert m.verdict is Verdict.NO_DATA
+    assert "traffic 10 req/s since the release is below min_rate 20 req/s" in m.reason
+
+
+def test_a_slower_than_that_is_no_bucket_bound_says_so() -> None:
+    check = compare(errors=None, metric="http_request_duration_seconds", slower_than="300ms")
+    answers = results(new=(6_000, 0))
+    answers["bad"] = answer("bad")  # count - bucket{le="0.3"}: no such bucket, no series
+    [m] = judge(check, answers, Scope(span=SPAN))
+    assert m.verdict is Verdict.NO_DATA
+    assert "no bucket le=0.3 in http_request_duration_seconds_bucket" in m.reason
+
+
+def test_the_dispersion_is_pearsons_statistic_from_the_per_block_sums() -> None:
+    # 60 blocks of 100 requests; bad counts alternate 0 and 2 (mean 1): sum(bad^2 / req)
+    # is 30 * 4 / 100 = 1.2, p = 0.01, so phi = (1.2 / 0.01 - 60) / 59 = 60 / 59.
+    answers = {
+        "blocks": answer("blocks", ((), 1.2)),
+        "block count": answer("block count", ((), 60.0)),
+    }
+    assert baseline_dispersion(answers, Arm(6_000, 60)) == pytest.approx(60 / 59)
+    # Poisson-like counts (less spread than Poisson) never narrow the test: at least 1.
+    answers["blocks"] = answer("blocks", ((), 0.6))
+    assert baseline_dispersion(answers, Arm(6_000, 60)) == 1.0
+
+
+def test_the_queries_count_since_the_release_and_the_baseline_ends_at_it() -> None:
+    queries = {q.role: q.expr for q in compare().queries_since(SPAN, "version")}
+    assert queries["requests"] == "sum by (version) (increase(http_requests_total[600s]))"
+    assert 'increase(http_requests_total{code="500"}[600s])' in queries["bad"]
+    assert queries["baseline requests"] == (
+        f"sum(increase(http_requests_total[1h] @ {RELEASE:.3f}))"
+    )
+    assert queries["blocks"].endswith(f"[1h:1m] @ {RELEASE:.3f})")
+
+
+def test_slow_requests_are_the_count_less_the_bucket_at_the_bound() -> None:
+    check = compare(errors=None, metric="http_request_duration_seconds", slower_than="1s")
+    bad = {q.role: q.expr for q in check.queries_since(SPAN)}["bad"]
+    assert bad == (
+        "(sum(increase(http_request_duration_seconds_count[600s])) - "
+        'sum(increase(http_request_duration_seconds_bucket{le=~"1|1\\\\.0"}[600s])))'
+    )
+
+
+@pytest.mark.parametrize(
+    ("keys", "message"),
+    [
+        ({"errors": None}, "set 'errors' (matchers of failed requests) or 'slower_than'"),
+        ({"slower_than": "500ms"}, "exactly one of them"),
+        ({"max_increase": "20%"}, "with 'worse_by', not 'max_increase'"),
+        ({"confidence": 1.0}, "less than 1"),
+        ({"baseline_window": "1m"}, "baseline_window must be at least 2m"),
+        (
+            {"errors": None, "slower_than": "500ms", "metric": "x_bucket"},
+            "use 'x'",
+        ),
+    ],
+)
+def test_rule_file_mistakes_are_named(keys: dict[str, object], message: str) -> None:
+    with pytest.raises(ValidationError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        compare(**keys)
+
+
+def test_it_fires_at_the_first_worse_evaluation_by_default() -> None:
+    assert compare().consecutive_breaches == 1
+    assert compare(breaches=2).consecutive_breaches == 2
+    assert compare().baseline_window == timedelta(hours=1)
+    assert "fires as soon as the evidence for worse reaches 100:1" in str(
+        compare().detection_time()
+    )
