@@ -83,3 +83,19 @@ def test_missing_config_file(tmp_path: Path) -> None:
     result = rollbackd("check", "-c", str(tmp_path / "nope.toml"))
     assert result.returncode == 1
     assert "nope.toml: cannot read: No such file or directory" in result.stderr
+
+
+def test_a_compare_check_has_no_worst_case_detection_time() -> None:
+    result = rollbackd("check", "-c", "config.example.toml", "--json")
+    orders = next(s for s in json.loads(result.stdout)["services"] if s["name"] == "orders")
+    errors = next(c for c in orders["checks"] if c["name"] == "errors-vs-baseline")
+    assert errors["worst_case_detection_seconds"] is None
+    assert errors["worst_case_detection"].startswith("none: fires as soon as the evidence")
+    assert [q["role"] for q in errors["queries"]] == [
+        "bad",
+        "requests",
+        "baseline bad",
+        "baseline requests",
+        "blocks",
+        "block count",
+    ]

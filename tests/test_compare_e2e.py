@@ -21,6 +21,7 @@ from rollbackd.config.loader import load
 from rollbackd.core.model import RollbackState
 from rollbackd.core.samples import Verdict
 from rollbackd.core.sequential import Decision
+from rollbackd.notify.content import build_message
 from rollbackd.prometheus import PrometheusClient
 from support.configs import write_config
 from support.prometheus import PrometheusFactory
@@ -119,6 +120,9 @@ async def test_a_release_with_three_times_the_errors_is_rolled_back_and_verified
     [reason] = breach_reasons(s)
     assert "error ratio 3.00% vs 1.00% baseline (the 1h before the release)" in reason
     assert "worse: evidence" in reason and "threshold 200:1" in reason
+    # The notification of the rollback says it too.
+    [done] = [e for e in s.store.events(limit=5000) if e.type == "rollback.succeeded"]
+    assert "for worse, threshold 200:1; on " in build_message(done).text()
 
 
 async def test_a_canary_with_three_times_the_errors_of_its_stable_track_is_aborted(

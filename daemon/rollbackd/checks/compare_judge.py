@@ -64,6 +64,8 @@ def _ratio(x: float) -> str:
 
 
 def _odds(x: float) -> str:
+    if x >= 1e6:
+        return f"{x:.1e}:1"
     return f"{x:,.0f}:1" if x >= 10 else f"{x:.2g}:1"
 
 

@@ -45,7 +45,10 @@ def _summary_json(loaded: LoadedConfig) -> dict[str, Any]:
                     "type": check.type,
                     "action": check.action.value,
                     "interval_seconds": check.interval.total_seconds(),
-                    "worst_case_detection_seconds": detection.total.total_seconds(),
+                    # None for a sequential test: it fires when the evidence is in.
+                    "worst_case_detection_seconds": (
+                        detection.total.total_seconds() if detection.bounded else None
+                    ),
                     "worst_case_detection": str(detection),
                     "queries": [
                         {"role": q.role, "expr": q.expr}
