@@ -18,6 +18,7 @@ from rollbackd.core.sequential import (
     Arm,
     Decision,
     Evidence,
+    Test,
     compare_concurrent,
     compare_with_history,
 )
@@ -69,6 +70,13 @@ def _odds(x: float) -> str:
     return f"{x:,.0f}:1" if x >= 10 else f"{x:.2g}:1"
 
 
+def _interval_level(check: CompareCheck, evidence: Evidence) -> float:
+    """The interval's confidence, in percent: the history test's two ends each take half
+    of alpha beside the baseline's own bounds, so together they hold at 1 - 1.5 alpha."""
+    alpha = check.alpha * (1.5 if evidence.test is Test.HISTORY else 1.0)
+    return 100 * (1 - alpha)
+
+
 def describe(check: CompareCheck, evidence: Evidence, source: str) -> str:
     """The evidence in words: what was measured, against what, how strong, and on how many
     requests it rests."""
@@ -77,7 +85,8 @@ def describe(check: CompareCheck, evidence: Evidence, source: str) -> str:
     measured = (
         f"{name} {check.format_value(new.ratio)} vs {check.format_value(base.ratio)} "
         f"baseline ({source}), {_ratio(evidence.ratio)} "
-        f"({check.confidence:.0%} interval {_ratio(evidence.low)}-{_ratio(evidence.high)})"
+        f"({_interval_level(check, evidence):.3g}% interval {_ratio(evidence.low)}-"
+        f"{_ratio(evidence.high)})"
     )
     threshold = f"threshold {_odds(evidence.threshold)}"
     worse_by = f"{check.worse_by:.0%}"
