@@ -44,6 +44,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
+from rollbackd.core.durations import parse_duration  # noqa: E402
 from support.alertmanager import AlertmanagerServer  # noqa: E402
 from support.configs import write_config  # noqa: E402
 from support.daemon_process import TOKEN, DaemonProcess, set_mode  # noqa: E402
@@ -268,9 +269,14 @@ def main() -> int:
         set_mode(classic_config, "auto")
         polling = DaemonProcess(polling_config)
         classic = DaemonProcess(classic_config)
-        for daemon in (polling, classic):
-            started.append(daemon)
-            daemon.start()
+        # A compare check's baseline is the window before the version went live: with it,
+        # the polling daemon starts once that window holds 1.0.0's requests (a daemon
+        # started with its services would find no baseline, and 1.0.0 would never bake).
+        started.append(classic)
+        classic.start()
+        if args.compare_baseline is None:
+            started.append(polling)
+            polling.start()
 
         credentials = work / "am.token"
         credentials.write_text(TOKEN + "\n")
@@ -292,6 +298,10 @@ def main() -> int:
         prometheus.wait_for('up{job="svc"} == 1', lambda r: len(r) == len(services), timeout=30)
         first_scrape = time.time()
         print(f"work dir {work}; {len(services)} services scraped; warming up", flush=True)
+        if args.compare_baseline is not None:
+            time.sleep(parse_duration(args.compare_baseline).total_seconds() + 5)
+            started.append(polling)
+            polling.start()
 
         t0s: dict[int, float] = {}
         for i in range(args.runs):
