@@ -98,4 +98,6 @@ def test_a_compare_check_has_no_worst_case_detection_time() -> None:
         "baseline requests",
         "blocks",
         "block count",
+        "recent blocks",
+        "recent block count",
     ]

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from rollbackd.cli.evaluation import evaluate_once
+from rollbackd.cli.operator_commands import _print_status
 from rollbackd.cli.replay import replay
 from rollbackd.config.loader import load
 from rollbackd.core.model import RollbackState
@@ -163,7 +164,7 @@ async def test_a_release_with_slow_requests_is_rolled_back(story: type[Story]) -
 
 
 async def test_a_healthy_release_is_not_rolled_back_and_bakes_before_the_bake_time(
-    story: type[Story],
+    story: type[Story], capsys: pytest.CaptureFixture[str]
 ) -> None:
     """At 100 requests/s the test concludes "not worse by 20%" in about a quarter of an
     hour: the version need not wait out a 30m bake time."""
@@ -182,8 +183,14 @@ async def test_a_healthy_release_is_not_rolled_back_and_bakes_before_the_bake_ti
     ]
     assert baked.at < released + 20 * MIN
     assert "concluded not worse" in str(baked.data.get("early"))
-    words = s.engine.evidence(SERVICE, "errors-vs-baseline")  # what status shows
-    assert words is not None and "not worse by 20%: evidence" in words
+    # What rollbackd status shows.
+    status = await s.status()
+    [check] = status["services"][0]["checks"]
+    assert "not worse by 20%: evidence" in check["evidence"]
+    _print_status(status, "http://rollbackd.test")
+    assert "  shop errors-vs-baseline: error ratio 1.00% vs 1.00% baseline" in (
+        capsys.readouterr().out
+    )
 
 
 async def test_a_healthy_release_at_low_traffic_stays_undecided_and_bakes_at_the_bake_time(

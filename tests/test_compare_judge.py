@@ -10,15 +10,16 @@ from pydantic import ValidationError
 
 from rollbackd.checks.base import Span
 from rollbackd.checks.compare import CompareCheck
-from rollbackd.checks.compare_judge import baseline_dispersion
+from rollbackd.checks.compare_judge import dispersion_of
 from rollbackd.checks.judge import Scope, judge
 from rollbackd.core import sequential
 from rollbackd.core.samples import Labels, QueryResult, ResultType, Sample, Verdict
 from rollbackd.core.sequential import Arm, Decision
 
-RELEASE = 1_000_000.0
+RELEASE = 999_960.0
 SPAN = Span(RELEASE, RELEASE + 600, RELEASE)
-"""Ten minutes after the release."""
+"""Ten minutes after the release, on a whole minute (the counts end at the last one)."""
+UNTIL = f"@ {RELEASE + 600:.3f}"
 
 
 def compare(**keys: object) -> CompareCheck:
@@ -55,6 +56,8 @@ def results(
         "baseline requests": answer("baseline requests", *((labels, n) for labels, (n, _) in base)),
         "blocks": answer("blocks"),
         "block count": answer("block count"),
+        "recent blocks": answer("recent blocks"),
+        "recent block count": answer("recent block count"),
     }
 
 
@@ -114,6 +117,13 @@ def test_nothing_to_judge_is_no_data_saying_why(
     assert why in m.reason
 
 
+def test_the_first_minute_is_not_judged_until_it_is_over() -> None:
+    early = Span(RELEASE + 30, RELEASE + 100, RELEASE + 30)  # the first whole minute ends at +120
+    [m] = judge(compare(), results(new=(600, 60)), Scope(span=early))
+    assert m.verdict is Verdict.NO_DATA
+    assert "counting starts with the first whole minute since the release" in m.reason
+
+
 def test_traffic_below_min_rate_is_no_data() -> None:
     [m] = judge(compare(min_rate=20), results(new=(6_000, 180)), Scope(span=SPAN))
     assert m.verdict is Verdict.NO_DATA
@@ -129,35 +139,60 @@ def test_a_slower_than_that_is_no_bucket_bound_says_so() -> None:
     assert "no bucket le=0.3 in http_request_duration_seconds_bucket" in m.reason
 
 
-def test_the_dispersion_is_pearsons_statistic_from_the_per_block_sums() -> None:
-    # 60 blocks of 100 requests; bad counts alternate 0 and 2 (mean 1): sum(bad^2 / req)
-    # is 30 * 4 / 100 = 1.2, p = 0.01, so phi = (1.2 / 0.01 - 60) / 59 = 60 / 59.
+def test_the_dispersion_pools_pearsons_statistic_over_the_baseline_and_the_new_arm() -> None:
+    # Prometheus answers each group's Pearson statistic and its number of blocks: the
+    # baseline 60 on 60 blocks, the new arm since the release (a burst) 180 on 10.
     answers = {
-        "blocks": answer("blocks", ((), 1.2)),
+        "blocks": answer("blocks", ((), 60.0)),
         "block count": answer("block count", ((), 60.0)),
+        "recent blocks": answer("recent blocks", ((("version", "2"),), 180.0)),
+        "recent block count": answer("recent block count", ((("version", "2"),), 10.0)),
     }
-    assert baseline_dispersion(answers, Arm(6_000, 60)) == pytest.approx(60 / 59)
-    # Poisson-like counts (less spread than Poisson) never narrow the test: at least 1.
-    answers["blocks"] = answer("blocks", ((), 0.6))
-    assert baseline_dispersion(answers, Arm(6_000, 60)) == 1.0
+    assert dispersion_of(answers, ["2"], "version") == pytest.approx(240 / 68)
+    # Without the burst's arm, the baseline alone; counts less spread than Poisson: 1.
+    assert dispersion_of(answers, [], "version") == pytest.approx(60 / 59)
+    answers["blocks"] = answer("blocks", ((), 30.0))
+    assert dispersion_of(answers, [], "version") == 1.0
+
+
+def test_a_burst_in_the_new_arm_is_not_taken_for_a_regression() -> None:
+    """One clump of 12 errors in ten minutes at 1 req/s, against a baseline whose hour saw
+    4 errors: counted as 12 independent errors it is 'worse'; its own blocks show the clump."""
+    answers = results(new=(600, 12), baseline=(3_600, 4))
+    scope = Scope(span=SPAN)
+    [counted] = judge(compare(), answers, scope)
+    assert counted.verdict is Verdict.BREACH
+    # Pearson over 10 blocks of 60 requests, one with all 12 (p = 0.02):
+    # sum(bad^2 / req) / p - sum(bad) = (144 / 60) / 0.02 - 12 = 108.
+    answers["recent blocks"] = answer("recent blocks", ((), 108.0))
+    answers["recent block count"] = answer("recent block count", ((), 10.0))
+    [m] = judge(compare(), answers, scope)
+    assert m.verdict is Verdict.OK
+    assert m.evidence is not None and m.evidence.dispersion == pytest.approx(
+        12.0
+    )  # (2.4 / 0.02 - 12) / 9
+    assert "counts deflated 12x for bursts" in m.reason
 
 
 def test_the_queries_count_since_the_release_and_the_baseline_ends_at_it() -> None:
     queries = {q.role: q.expr for q in compare().queries_since(SPAN, "version")}
-    assert queries["requests"] == "sum by (version) (increase(http_requests_total[600s]))"
-    assert 'increase(http_requests_total{code="500"}[600s])' in queries["bad"]
+    assert queries["requests"] == (
+        f"sum by (version) (increase(http_requests_total[600s] {UNTIL}))"
+    )
+    assert f'increase(http_requests_total{{code="500"}}[600s] {UNTIL})' in queries["bad"]
     assert queries["baseline requests"] == (
         f"sum(increase(http_requests_total[1h] @ {RELEASE:.3f}))"
     )
-    assert queries["blocks"].endswith(f"[1h:1m] @ {RELEASE:.3f})")
+    assert queries["blocks"].endswith(f"[1h:1m] @ {RELEASE:.3f}))")
 
 
 def test_slow_requests_are_the_count_less_the_bucket_at_the_bound() -> None:
     check = compare(errors=None, metric="http_request_duration_seconds", slower_than="1s")
     bad = {q.role: q.expr for q in check.queries_since(SPAN)}["bad"]
     assert bad == (
-        "(sum(increase(http_request_duration_seconds_count[600s])) - "
-        'sum(increase(http_request_duration_seconds_bucket{le=~"1|1\\\\.0"}[600s])))'
+        f"(sum(increase(http_request_duration_seconds_count[600s] {UNTIL})) - "
+        'sum(increase(http_request_duration_seconds_bucket{le=~"1|1\\\\.0"}'
+        f"[600s] {UNTIL})))"
     )
 
 

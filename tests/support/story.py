@@ -11,10 +11,16 @@ import json
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
+import httpx
+from prometheus_client import CollectorRegistry
+
+from rollbackd.api.app import create_app
 from rollbackd.config.loader import load
 from rollbackd.core.model import RollbackState
 from rollbackd.prometheus import PrometheusClient
+from rollbackd.runtime.control import Control
 from rollbackd.runtime.engine import Engine
 from rollbackd.runtime.pipeline import Pipeline
 from rollbackd.runtime.runner import Runner
@@ -25,6 +31,8 @@ from .configs import write_config
 from .daemon_process import set_mode
 from .prometheus import PrometheusFactory
 from .timeline import SERVICE, Timeline
+
+API_TOKEN = "story-token-0123456789abcdef"
 
 Rules = Callable[..., str]
 """The rule file for the story's service, given the executors' run log and options."""
@@ -106,6 +114,26 @@ class Story:
         return [
             e.type for e in reversed(self.store.events(limit=5000)) if e.type.startswith(wanted)
         ]
+
+    async def status(self) -> dict[str, Any]:
+        """``GET /api/v1/status`` of an API over the story's pipeline, as ``rollbackd
+        status`` reads it."""
+        app = create_app(
+            control=Control(self.pipeline),
+            registry=CollectorRegistry(),
+            token=API_TOKEN,
+            max_body=65536,
+            clock=self.clock,
+        )
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app),
+            base_url="http://rollbackd.test",
+            headers={"Authorization": f"Bearer {API_TOKEN}"},
+        ) as client:
+            answer = await client.get("/api/v1/status")
+        assert answer.status_code == 200, answer.text
+        found: dict[str, Any] = answer.json()
+        return found
 
     def baked(self, version: str) -> bool:
         record = self.store.version(SERVICE, version)

@@ -35,12 +35,31 @@ from rollbackd.checks.base import (
 from rollbackd.core.durations import Duration, Fraction, Seconds, format_duration
 
 BLOCK = "1m"
-"""The time block the baseline's dispersion is measured in."""
+"""The time block the dispersion is measured in."""
+BLOCK_SECONDS = 60.0
 
-ROLES = ("bad", "requests", "baseline bad", "baseline requests", "blocks", "block count")
+
+def counted_until(span: Span) -> float:
+    """The end of the last whole block: the counts are judged up to there, so that every
+    bad request counted is in a block the dispersion has seen. A burst in the minute still
+    running is judged, with its block, when the minute is over."""
+    return math.floor(span.now / BLOCK_SECONDS) * BLOCK_SECONDS
+
+
+ROLES = (
+    "bad",
+    "requests",
+    "baseline bad",
+    "baseline requests",
+    "blocks",
+    "block count",
+    "recent blocks",
+    "recent block count",
+)
 """The queries of one evaluation: the judged arms' counts since the release (grouped by
-version), the baseline window's totals, and its per-block sum of bad^2 / requests and number
-of blocks (the dispersion's Pearson statistic, computed by Prometheus)."""
+version), the baseline window's totals, and for the baseline window and for each arm since
+the release the Pearson statistic of its 1m blocks and their number (the dispersion,
+added up by Prometheus)."""
 
 
 def _bucket_bound(value: float) -> str:
@@ -148,35 +167,47 @@ class CompareCheck(CheckSpec):
         )
         return f"({requests} - {fast})", requests
 
-    def _queries(self, by: str | None, since: str, baseline_at: str) -> list[Query]:
-        bad, requests = self._counts(by, since)
+    def _blocks(self, by: str | None, window: str, at: str) -> tuple[str, str]:
+        """(Pearson's statistic, number of blocks) of the 1m blocks of ``window``: with p the
+        blocks' own ratio, sum((bad - p req)^2 / (p req)) = sum(bad^2 / req) / p - sum(bad).
+        No bad request in the window divides by zero: no answer, and nothing is learned."""
+
+        def over(expr: str) -> str:
+            return f"sum_over_time(({expr})[{window}:{BLOCK}]{at})"
+
+        bad, requests = self._counts(by, BLOCK)
+        squares = over(f"{bad} ^ 2 / ({requests} > 0)")
+        statistic = f"({squares} * {over(requests)} / {over(bad)} - {over(bad)})"
+        return statistic, f"count_over_time(({requests} > 0)[{window}:{BLOCK}]{at})"
+
+    def _queries(self, by: str | None, since: str, at: str, baseline_at: str) -> list[Query]:
+        bad, requests = self._counts(by, since, at)
         window = format_duration(self.baseline_window)
         base_bad, base_requests = self._counts(None, window, baseline_at)
-        block_bad, block_requests = self._counts(None, BLOCK)
+        spread, blocks = self._blocks(None, window, baseline_at)
+        recent_spread, recent_blocks = self._blocks(by, since, at)
         return [
             Query("bad", bad),
             Query("requests", requests),
             Query("baseline bad", base_bad),
             Query("baseline requests", base_requests),
-            Query(
-                "blocks",
-                f"sum_over_time(({block_bad} ^ 2 / ({block_requests} > 0))"
-                f"[{window}:{BLOCK}]{baseline_at})",
-            ),
-            Query(
-                "block count",
-                f"count_over_time(({block_requests} > 0)[{window}:{BLOCK}]{baseline_at})",
-            ),
+            Query("blocks", spread),
+            Query("block count", blocks),
+            Query("recent blocks", recent_spread),
+            Query("recent block count", recent_blocks),
         ]
 
     def queries(self, by: str | None = None, *, window_cap: timedelta | None = None) -> list[Query]:
         """The queries' shape, for ``rollbackd check``: each evaluation fills in the time
         since the release and the release's moment (``queries_since``)."""
-        return self._queries(by, "<since the release>", " @ <the release>")
+        return self._queries(
+            by, "<since the release>", " @ <the last whole minute>", " @ <the release>"
+        )
 
     def queries_since(self, span: Span, by: str | None = None) -> list[Query]:
-        elapsed = max(1, math.floor(span.elapsed))
-        return self._queries(by, f"{elapsed}s", f" @ {span.baseline_until:.3f}")
+        until = counted_until(span)
+        counted = max(1, math.floor(until - span.since))
+        return self._queries(by, f"{counted}s", f" @ {until:.3f}", f" @ {span.baseline_until:.3f}")
 
     # -- words ----------------------------------------------------------------------
 

@@ -8,19 +8,21 @@ wrong yet). Pure: no I/O and no clock.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
-from rollbackd.checks.compare import CompareCheck
+from rollbackd.checks.compare import BLOCK_SECONDS, CompareCheck, counted_until
 from rollbackd.checks.measurement import Baseline, Measurement, Scope
 from rollbackd.core.durations import format_duration
 from rollbackd.core.samples import Labels, QueryResult, Verdict
 from rollbackd.core.sequential import (
     Arm,
+    Blocks,
     Decision,
     Evidence,
     Test,
     compare_concurrent,
     compare_with_history,
+    pooled_dispersion,
 )
 
 
@@ -44,16 +46,27 @@ def _arm(requests: float, bad: float | None) -> Arm:
     return Arm(counted, min(max(bad or 0.0, 0.0), counted))
 
 
-def baseline_dispersion(results: Mapping[str, QueryResult], baseline: Arm) -> float:
-    """The baseline window's variance inflation, from the per-block sums Prometheus
-    computed: Pearson's statistic sum((bad_b - p req_b)^2 / (p req_b)) / (B - 1), which
-    with p = sum bad / sum req is (sum(bad_b^2 / req_b) / p - sum bad) / (B - 1)."""
-    squares = _pick(_values(results.get("blocks")), None, None)
-    blocks = _pick(_values(results.get("block count")), None, None)
-    if squares is None or blocks is None or blocks < 2 or baseline.bad <= 0:
-        return 1.0
-    p = baseline.bad / baseline.requests
-    return max(1.0, (squares / p - baseline.bad) / (blocks - 1))
+def _blocks(
+    statistic: QueryResult | None, count: QueryResult | None, label: str | None, version: str | None
+) -> Blocks | None:
+    found_statistic = _pick(_values(statistic), label, version)
+    found_count = _pick(_values(count), label, version)
+    if found_statistic is None or found_count is None:
+        return None
+    return Blocks(found_count, found_statistic)
+
+
+def dispersion_of(
+    results: Mapping[str, QueryResult], versions: Sequence[str | None], label: str | None
+) -> float:
+    """The variance inflation pooled over the baseline window's blocks and each judged
+    version's blocks since the release, from what Prometheus summed (``pooled_dispersion``)."""
+    groups = [_blocks(results.get("blocks"), results.get("block count"), None, None)]
+    for version in versions:
+        groups.append(
+            _blocks(results.get("recent blocks"), results.get("recent block count"), label, version)
+        )
+    return pooled_dispersion([g for g in groups if g is not None])
 
 
 def _no_data(check: CompareCheck, query: str, labels: Labels, reason: str) -> Measurement:
@@ -149,6 +162,16 @@ def judge_compare(
         ]
     if label and current is None:
         return [_no_data(check, query, labels, "the running version is not known")]
+    counted = counted_until(scope.span) - scope.span.since
+    if counted < BLOCK_SECONDS:
+        return [
+            _no_data(
+                check,
+                query,
+                labels,
+                "counting starts with the first whole minute since the release",
+            )
+        ]
     requests = _values(results.get("requests"))
     bad = _values(results.get("bad"))
     new_requests = _pick(requests, label, current)
@@ -167,7 +190,7 @@ def judge_compare(
             )
         ]
     new = _arm(new_requests, new_bad)
-    traffic = new.requests / max(scope.span.elapsed, 1.0)
+    traffic = new.requests / counted
     if check.min_rate > 0 and traffic < check.min_rate:
         return [
             _no_data(
@@ -182,8 +205,9 @@ def judge_compare(
     base_bad = _pick(_values(results.get("baseline bad")), None, None)
     window = f"the {format_duration(check.baseline_window)} before the release"
     history = _arm(base_requests or 0.0, base_bad)
-    phi = baseline_dispersion(results, history) if history.requests > 0 else 1.0
     stable = _stable_arm(requests, bad, label, scope.stable_version)
+    judged = [current] if stable is None else [current, scope.stable_version]
+    phi = dispersion_of(results, judged, label)
     if stable is not None:
         evidence = compare_concurrent(
             new, stable, worse_by=check.worse_by, confidence=check.confidence, dispersion=phi
@@ -228,4 +252,4 @@ def _stable_arm(
     return _arm(counted, _pick(bad, label, stable))
 
 
-__all__ = ["baseline_dispersion", "describe", "evidence_json", "judge_compare"]
+__all__ = ["describe", "dispersion_of", "evidence_json", "judge_compare"]

@@ -452,10 +452,42 @@ def dispersion(blocks: Sequence[Arm]) -> float:
     (bad - p req)^2 / (p req), over B - 1. Poisson counts give about 1; bursts give more.
     1.0 when it cannot be estimated (fewer than two blocks with requests, or no bad event).
     """
-    used = [block for block in blocks if block.requests > 0]
-    bad = sum(block.bad for block in used)
-    if len(used) < 2 or bad == 0:
-        return 1.0
-    p = bad / sum(block.requests for block in used)
-    pearson = sum((b.bad - p * b.requests) ** 2 / (p * b.requests) for b in used)
-    return max(1.0, pearson / (len(used) - 1))
+    return pooled_dispersion([Blocks.of(blocks)])
+
+
+@dataclass(frozen=True)
+class Blocks:
+    """One arm's time blocks, summed up: how many had requests, and Pearson's statistic of
+    their bad counts about the arm's own ratio p, sum((bad_b - p req_b)^2 / (p req_b))
+    (nan when the arm had no bad event: then it says nothing about bursts)."""
+
+    count: float
+    statistic: float
+
+    @classmethod
+    def of(cls, blocks: Sequence[Arm]) -> Blocks:
+        used = [b for b in blocks if b.requests > 0]
+        bad = sum(b.bad for b in used)
+        if bad <= 0:
+            return cls(float(len(used)), math.nan)
+        p = bad / sum(b.requests for b in used)
+        return cls(
+            float(len(used)), sum((b.bad - p * b.requests) ** 2 / (p * b.requests) for b in used)
+        )
+
+
+def pooled_dispersion(groups: Sequence[Blocks]) -> float:
+    """The variance inflation of bad counts pooled over arms (>= 1): the arms' Pearson
+    statistics summed, over the blocks less one per arm (quasi-Poisson).
+
+    Pooling the arms since the release with the baseline is what makes a burst count
+    wherever it falls: a clump of errors in the new arm raises the dispersion that divides
+    its own evidence, while a steady regression (Poisson about its own, higher, ratio) does
+    not. An arm with fewer than two blocks or no bad event adds nothing."""
+    statistic, freedom = 0.0, 0.0
+    for group in groups:
+        if group.count < 2 or not math.isfinite(group.statistic):
+            continue
+        statistic += max(group.statistic, 0.0)
+        freedom += group.count - 1
+    return max(1.0, statistic / freedom) if freedom > 0 else 1.0
