@@ -143,6 +143,17 @@ def evidence_json(evidence: Evidence) -> dict[str, object]:
     }
 
 
+def _nothing_to_count(scope: Scope) -> str | None:
+    """Why nothing can be counted yet, if so."""
+    if scope.span is None:
+        return "no release to count from: when the version went live is not known"
+    if scope.version_label and scope.current_version is None:
+        return "the running version is not known"
+    if counted_until(scope.span) - scope.span.since < BLOCK_SECONDS:
+        return "counting starts with the first whole minute since the release"
+    return None
+
+
 def judge_compare(
     check: CompareCheck, results: Mapping[str, QueryResult], scope: Scope
 ) -> list[Measurement]:
@@ -151,27 +162,10 @@ def judge_compare(
     label = scope.version_label
     current = scope.current_version
     labels: Labels = ((label, current),) if label and current else ()
-    if scope.span is None:
-        return [
-            _no_data(
-                check,
-                query,
-                labels,
-                "no release to count from: when the version went live is not known",
-            )
-        ]
-    if label and current is None:
-        return [_no_data(check, query, labels, "the running version is not known")]
+    not_yet = _nothing_to_count(scope)
+    if not_yet is not None or scope.span is None:
+        return [_no_data(check, query, labels, not_yet or "")]
     counted = counted_until(scope.span) - scope.span.since
-    if counted < BLOCK_SECONDS:
-        return [
-            _no_data(
-                check,
-                query,
-                labels,
-                "counting starts with the first whole minute since the release",
-            )
-        ]
     requests = _values(results.get("requests"))
     bad = _values(results.get("bad"))
     new_requests = _pick(requests, label, current)
