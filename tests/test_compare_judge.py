@@ -117,11 +117,15 @@ def test_nothing_to_judge_is_no_data_saying_why(
     assert why in m.reason
 
 
-def test_the_first_minute_is_not_judged_until_it_is_over() -> None:
-    early = Span(RELEASE + 30, RELEASE + 100, RELEASE + 30)  # the first whole minute ends at +120
-    [m] = judge(compare(), results(new=(600, 60)), Scope(span=early))
+def test_nothing_is_judged_before_the_first_whole_minute_after_the_release() -> None:
+    early = Span(RELEASE + 10, RELEASE + 50, RELEASE + 10)  # the next whole minute is +60
+    [m] = judge(compare(), results(new=(400, 4)), Scope(span=early))
     assert m.verdict is Verdict.NO_DATA
-    assert "counting starts with the first whole minute since the release" in m.reason
+    assert "counting starts at the first whole minute after the release" in m.reason
+    # At +70 the 50 seconds up to +60 are counted: a block, partial, of their own.
+    later = Span(RELEASE + 10, RELEASE + 70, RELEASE + 10)
+    queries = {q.role: q.expr for q in compare().queries_since(later)}
+    assert f"[50s] @ {RELEASE + 60:.3f}" in queries["requests"]
 
 
 def test_traffic_below_min_rate_is_no_data() -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 
-from rollbackd.checks.compare import BLOCK_SECONDS, CompareCheck, counted_until
+from rollbackd.checks.compare import CompareCheck, counted_until
 from rollbackd.checks.measurement import Baseline, Measurement, Scope
 from rollbackd.core.durations import format_duration
 from rollbackd.core.samples import Labels, QueryResult, Verdict
@@ -149,8 +149,8 @@ def _nothing_to_count(scope: Scope) -> str | None:
         return "no release to count from: when the version went live is not known"
     if scope.version_label and scope.current_version is None:
         return "the running version is not known"
-    if counted_until(scope.span) - scope.span.since < BLOCK_SECONDS:
-        return "counting starts with the first whole minute since the release"
+    if counted_until(scope.span) < scope.span.since + 1:
+        return "counting starts at the first whole minute after the release"
     return None
 
 
