@@ -163,10 +163,6 @@ class Span:
     """The end of the baseline window: the release itself, or, when a rollback is being
     verified, the release that was rolled back (the target's own time before it)."""
 
-    @property
-    def elapsed(self) -> float:
-        return self.now - self.since
-
 
 @dataclass(frozen=True)
 class Reading:
