@@ -163,6 +163,11 @@ class Span:
     """The end of the baseline window: the release itself, or, when a rollback is being
     verified, the release that was rolled back (the target's own time before it)."""
 
+    @classmethod
+    def since_release(cls, since: float, now: float) -> Span:
+        """Since the release at ``since``, against the window just before it."""
+        return cls(since, now, since)
+
 
 @dataclass(frozen=True)
 class Reading:

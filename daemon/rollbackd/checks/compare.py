@@ -46,22 +46,6 @@ def counted_until(span: Span) -> float:
     return math.floor(span.now / BLOCK_SECONDS) * BLOCK_SECONDS
 
 
-ROLES = (
-    "bad",
-    "requests",
-    "baseline bad",
-    "baseline requests",
-    "blocks",
-    "block count",
-    "recent blocks",
-    "recent block count",
-)
-"""The queries of one evaluation: the judged arms' counts since the release (grouped by
-version), the baseline window's totals, and for the baseline window and for each arm since
-the release the Pearson statistic of its 1m blocks and their number (the dispersion,
-added up by Prometheus)."""
-
-
 def _bucket_bound(value: float) -> str:
     """A regular expression (in a PromQL string) matching the ``le`` label of the bucket
     bound ``value`` however the client library wrote it: ``0.5``, or ``1`` and ``1.0``."""
@@ -181,6 +165,10 @@ class CompareCheck(CheckSpec):
         return statistic, f"count_over_time(({requests} > 0)[{window}:{BLOCK}]{at})"
 
     def _queries(self, by: str | None, since: str, at: str, baseline_at: str) -> list[Query]:
+        """The judged arms' counts since the release (grouped by version), the baseline
+        window's totals, and for the baseline window and for each arm since the release the
+        Pearson statistic of its 1m blocks and their number (the dispersion, added up by
+        Prometheus)."""
         bad, requests = self._counts(by, since, at)
         window = format_duration(self.baseline_window)
         base_bad, base_requests = self._counts(None, window, baseline_at)

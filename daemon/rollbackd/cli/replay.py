@@ -126,7 +126,7 @@ def replay_check(
         current, since, previous = versions.at(at)
         scope = Scope(version_label=scope_label, current_version=current)
         if check.counts_since_release:
-            scope = replace(scope, span=None if since is None else Span(since, at, since))
+            scope = replace(scope, span=None if since is None else Span.since_release(since, at))
         measurements = judge(check, answers(at, scope), scope)
         by_labels = {m.labels: m for m in measurements}
         state, changes = step_check(

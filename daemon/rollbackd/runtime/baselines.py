@@ -86,7 +86,7 @@ class Baselines:
         before the release that was rolled back: the target's own time."""
         if window_cap is None:
             since = self.versions.current_since(service)
-            return None if since is None else Span(since, now, since)
+            return None if since is None else Span.since_release(since, now)
         switched = now - window_cap.total_seconds()
         rolled_back = next(
             (

@@ -107,6 +107,7 @@ class Engine:
         self.loaded = loaded
         wanted = configured(loaded)
         self.states = {key: state for key, state in self.states.items() if key in wanted}
+        self._evidence = {key: words for key, words in self._evidence.items() if key in wanted}
         self.transitions.blind &= wanted
         self.keeper.keep_only(wanted)
         self._plan = None
@@ -393,7 +394,7 @@ class Engine:
         if check.counts_since_release:
             # Counted since the version went live: the queries are this evaluation's own.
             span = (
-                Span(since, now, since)
+                Span.since_release(since, now)
                 if since is not None
                 else self.baselines.span(service.name, current, now, window_cap)
             )
